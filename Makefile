@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
+run: $(STAMP)
+	@echo 'make run: the training job arrives with the training system (train.py,'
+	@echo 'configs/). Until then `make test` is the way to see attnjax work.'
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check attnjax tests bench
 	$(VENV)/bin/ruff format --check attnjax tests bench

@@ -54,4 +54,3 @@ def check_mask(mask: jax.Array, target_shape: tuple[int, ...]) -> None:
       f'shape {tuple(target_shape)} ([..., q_len, k_len]). Give it size-1 '
       'dims where it is constant, e.g. [batch, 1, 1, k_len] for key padding.'
     )
-

@@ -29,7 +29,9 @@ def _check_qkv(q: Array, k: Array, v: Array, name: str) -> None:
   _checks.assert_min_rank(q, 2, f'{name}: q', '[..., q_len, q_depth]')
   _checks.assert_min_rank(k, 2, f'{name}: k', '[..., k_len, k_depth]')
   _checks.assert_min_rank(v, 2, f'{name}: v', '[..., k_len, v_depth]')
-  _checks.assert_float(q, k, v, names=(f'{name}: q', f'{name}: k', f'{name}: v'))
+  _checks.assert_float(
+    q, k, v, names=(f'{name}: q', f'{name}: k', f'{name}: v')
+  )
   if k.shape[-2] != v.shape[-2]:
     raise ValueError(
       f'{name}: keys and values must have the same length; got k shape '
@@ -103,7 +105,9 @@ def dot_product_attention(
     )
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   logits = jnp.einsum(
-    '...qd,...kd->...qk', q * jnp.asarray(scale, q.dtype), k,
+    '...qd,...kd->...qk',
+    q * jnp.asarray(scale, q.dtype),
+    k,
     preferred_element_type=jnp.float32,
   )
   return weighted_sum(masks.masked_softmax(logits, mask), v)
@@ -189,7 +193,9 @@ def chunked_attention(
     def fn(q, k_chunk, offset):
       return _call_score(score_fn, q, k_chunk, offset).astype(jnp.float32)
 
-    k_example = jax.ShapeDtypeStruct((*k.shape[:-2], chunk, k.shape[-1]), k.dtype)
+    k_example = jax.ShapeDtypeStruct(
+      (*k.shape[:-2], chunk, k.shape[-1]), k.dtype
+    )
     return jax.closure_convert(fn, q, k_example, jnp.int32(0))
 
   full_fn, full_consts = converted(size)
@@ -204,10 +210,25 @@ def chunked_attention(
 class _ChunkPlan:
   """Static description of the chunk loop (hashable by identity)."""
 
-  def __init__(self, size, num_full, remainder, q_len, k_len, causal, batch,
-               full_fn, rem_fn):
+  def __init__(
+    self,
+    size,
+    num_full,
+    remainder,
+    q_len,
+    k_len,
+    causal,
+    batch,
+    full_fn,
+    rem_fn,
+  ):
     self.size, self.num_full, self.remainder = size, num_full, remainder
-    self.q_len, self.k_len, self.causal, self.batch = q_len, k_len, causal, batch
+    self.q_len, self.k_len, self.causal, self.batch = (
+      q_len,
+      k_len,
+      causal,
+      batch,
+    )
     self.full_fn, self.rem_fn = full_fn, rem_fn
 
   def score_fn(self, last: bool):
@@ -279,7 +300,9 @@ def _forward(plan, q, k, v, mask, full_consts, rem_consts):
     probs = jnp.exp(logits - safe_max[..., None])
     v_chunk = jax.lax.dynamic_slice_in_dim(v, start, size, axis=-2)
     acc = acc * correction[..., None] + jnp.einsum(
-      '...qk,...kd->...qd', probs.astype(v.dtype), v_chunk,
+      '...qk,...kd->...qd',
+      probs.astype(v.dtype),
+      v_chunk,
       preferred_element_type=jnp.float32,
     )
     running_sum = running_sum * correction + jnp.sum(probs, axis=-1)
@@ -296,7 +319,8 @@ def _forward(plan, q, k, v, mask, full_consts, rem_consts):
   out = acc / jnp.where(nonempty, running_sum, 1.0)[..., None]
   # +inf for a query with nothing allowed makes every recomputed prob 0.
   log_sum = jnp.where(
-    nonempty, running_max + jnp.log(jnp.where(nonempty, running_sum, 1.0)),
+    nonempty,
+    running_max + jnp.log(jnp.where(nonempty, running_sum, 1.0)),
     jnp.inf,
   )
   return out, log_sum
@@ -325,14 +349,18 @@ def _chunked_bwd(plan, residuals, d_out):
     v_chunk = jax.lax.dynamic_slice_in_dim(v, start, size, axis=-2)
     logits, pullback = jax.vjp(
       lambda q, k_chunk, consts: fn(q, k_chunk, start, *consts),
-      q, k_chunk, consts,
+      q,
+      k_chunk,
+      consts,
     )
     chunk_mask = plan.chunk_mask(mask, start, size)
     if chunk_mask is not None:
       logits = jnp.where(chunk_mask, logits, -jnp.inf)
     probs = jnp.exp(logits - log_sum[..., None])
     d_v = jnp.einsum('...qk,...qd->...kd', probs, d_out)
-    d_probs = jnp.einsum('...qd,...kd->...qk', d_out, v_chunk.astype(jnp.float32))
+    d_probs = jnp.einsum(
+      '...qd,...kd->...qk', d_out, v_chunk.astype(jnp.float32)
+    )
     d_logits = probs * (d_probs - delta[..., None])
     d_q_chunk, d_k, d_consts = pullback(d_logits)
     d_q = d_q + d_q_chunk
@@ -379,7 +407,9 @@ def hard_weights(
   """
   _checks.assert_float(logits, names=('hard_weights: logits',))
   if temperature <= 0:
-    raise ValueError(f'hard_weights: temperature must be > 0; got {temperature}')
+    raise ValueError(
+      f'hard_weights: temperature must be > 0; got {temperature}'
+    )
   logits = logits.astype(jnp.float32)
   if mask is not None:
     _checks.check_mask(mask, logits.shape)
@@ -496,7 +526,9 @@ def local_attention(
   """
   _check_qkv(q, k, v, 'local_attention')
   if gaussian and width < 1:
-    raise ValueError(f'local-p needs a window D >= 1 (sigma = D/2); got {width}')
+    raise ValueError(
+      f'local-p needs a window D >= 1 (sigma = D/2); got {width}'
+    )
   logits = score_fn(q, k)
   _check_scores(logits, q, k, 'local_attention')
   window = local_window_mask(centers, k.shape[-2], width)
@@ -615,7 +647,7 @@ def hard_monotonic_alignment(
 
 
 def initial_alignment(shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-  """alpha_0 of monotonic attention: all mass on key 0. `shape`: [..., k_len]."""
+  """alpha_0 of monotonic attention, all mass on key 0; `shape` [..., k_len]."""
   return jnp.zeros(shape, dtype).at[..., 0].set(1)
 
 

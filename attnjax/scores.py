@@ -16,6 +16,7 @@ which is how these scores stay exact under chunking.
 """
 
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -65,7 +66,7 @@ def scaled_dot(q: Array, k: Array) -> Array:
 
 
 def general(q: Array, k: Array, w: Array) -> Array:
-  """Luong's "general" (bilinear) score: q W k^T with `w: [q_depth, k_depth]`."""
+  """Luong's "general" (bilinear) score q W k^T; `w: [q_depth, k_depth]`."""
   _check_qk(q, k, 'general')
   chex.assert_shape(
     w,
@@ -96,6 +97,7 @@ def additive_from_projections(
 
 def _check_additive(q, k, w_q, w_k, v, b, name):
   _check_qk(q, k, name)
+  chex.assert_rank(v, 1, custom_message=f'{name}: v is [H]')
   hidden = v.shape[-1]
   chex.assert_shape(
     w_q, (q.shape[-1], hidden), custom_message=f'{name}: w_q is [q_depth, H]'
@@ -103,7 +105,6 @@ def _check_additive(q, k, w_q, w_k, v, b, name):
   chex.assert_shape(
     w_k, (k.shape[-1], hidden), custom_message=f'{name}: w_k is [k_depth, H]'
   )
-  chex.assert_rank(v, 1, custom_message=f'{name}: v is [H]')
   if b is not None:
     chex.assert_shape(b, (hidden,), custom_message=f'{name}: b is [H]')
 
@@ -111,7 +112,9 @@ def _check_additive(q, k, w_q, w_k, v, b, name):
 def additive(
   q: Array, k: Array, w_q: Array, w_k: Array, v: Array, b: Array | None = None
 ) -> Array:
-  """Bahdanau's additive ("MLP", Luong "concat") score: v^T tanh(q W_q + k W_k + b).
+  """Bahdanau's additive score: v^T tanh(q W_q + k W_k + b).
+
+  Also called "MLP" attention, and Luong's "concat".
 
   `w_q: [q_depth, H]`, `w_k: [k_depth, H]`, `v: [H]`, `b: [H]` or None.
   """
@@ -147,7 +150,7 @@ def cosine(q: Array, k: Array) -> Array:
 
 
 def concat(q: Array, k: Array, w: Array) -> Array:
-  """Linear score on the concatenation: w^T [q; k] with `w: [q_depth + k_depth]`.
+  """Linear score on the concatenation, w^T [q; k]; `w: [q_depth + k_depth]`.
 
   Computed as (q w_q)[:, None] + (k w_k)[None, :] so that the concatenated
   `[q_len, k_len, q_depth + k_depth]` tensor never exists.
@@ -162,6 +165,17 @@ def concat(q: Array, k: Array, w: Array) -> Array:
   return (q @ w_q)[..., :, None] + (k @ w_k)[..., None, :]
 
 
+def _static_offset(key_offset: int | Array, name: str) -> int | None:
+  """The offset as a Python int, or None while it is traced."""
+  try:
+    offset = operator.index(key_offset)
+  except TypeError:  # a tracer (e.g. inside chunked_attention's scan)
+    return None
+  if offset < 0:
+    raise ValueError(f'{name}: key_offset must be >= 0; got {offset}.')
+  return offset
+
+
 def location(
   q: Array, w: Array, num_keys: int, *, key_offset: int | Array = 0
 ) -> Array:
@@ -174,7 +188,7 @@ def location(
   _checks.assert_float(q, names=('location: q',))
   chex.assert_rank(w, 2, custom_message='location: w is [q_depth, max_len]')
   max_len = w.shape[-1]
-  static_end = (key_offset if isinstance(key_offset, int) else 0) + num_keys
+  static_end = (_static_offset(key_offset, 'location') or 0) + num_keys
   if static_end > max_len:
     raise ValueError(
       f'location score asked for {static_end} key positions but its weights '
@@ -205,12 +219,26 @@ def location_features(
     `key_offset .. key_offset + num_keys - 1`, each computed from the full
     previous alignment (a window never sees the zero padding of a chunk).
   """
+  _checks.assert_min_rank(
+    prev_weights, 2, 'location_features: prev_weights', '[..., q_len, k_len]'
+  )
+  chex.assert_rank(conv, 2, custom_message='location_features: conv is [K, C]')
   kernel = conv.shape[0]
   if kernel % 2 != 1:
     raise ValueError(f'location-aware conv width must be odd; got {kernel}.')
-  num_keys = prev_weights.shape[-1] if num_keys is None else num_keys
+  total = prev_weights.shape[-1]
+  num_keys = total if num_keys is None else num_keys
+  end = (_static_offset(key_offset, 'location_features') or 0) + num_keys
+  if end > total:
+    raise ValueError(
+      f'location_features: prev_weights covers {total} key positions but '
+      f'keys up to position {end} were asked for; pass the previous '
+      'alignment over the whole key sequence.'
+    )
   half = kernel // 2
-  padded = jnp.pad(prev_weights, [(0, 0)] * (prev_weights.ndim - 1) + [(half,) * 2])
+  padded = jnp.pad(
+    prev_weights, [(0, 0)] * (prev_weights.ndim - 1) + [(half,) * 2]
+  )
   window = jax.lax.dynamic_slice_in_dim(
     padded, key_offset, num_keys + kernel - 1, axis=-1
   )
@@ -231,7 +259,9 @@ def location_aware(
   *,
   key_offset: int | Array = 0,
 ) -> Array:
-  """Chorowski's location-aware score: v^T tanh(q W + k V + (F * a_{t-1}) U + b).
+  """Chorowski's location-aware score.
+
+  v^T tanh(q W + k V + (F * a_{t-1}) U + b).
 
   Args:
     q: `[..., q_len, q_depth]`; k: `[..., k_len, k_depth]`.

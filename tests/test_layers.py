@@ -1,0 +1,408 @@
+"""Linen modules: they own the weights and agree with the pure functions."""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnjax import attention, layers, masks, scores
+
+B, T, D, HEADS = 2, 7, 16, 4
+PARAM_SCORES = [
+  'scaled_dot',
+  'dot',
+  'cosine',
+  'general',
+  'additive',
+  'normed_additive',
+  'concat',
+  'location',
+]
+
+
+def _inputs(seed=0, shape=(B, T, D)):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _padding_mask(lengths, length=T):
+  # [batch, heads=1, q_len=1, k_len]
+  return masks.length_mask(jnp.asarray(lengths), length)[:, None, None, :]
+
+
+def _unbox(tree):
+  return nn.meta.unbox(tree)
+
+
+class TestMultiHeadAttention:
+  @pytest.mark.parametrize('score', PARAM_SCORES)
+  def test_cached_decoding_equals_full_forward(self, score):
+    x = _inputs()
+    model = layers.MultiHeadAttention(
+      num_heads=HEADS, score=score, max_len=T, deterministic=True
+    )
+    params = model.init(jax.random.key(1), x, causal=True)['params']
+    full = model.apply({'params': params}, x, causal=True)
+
+    decoder = model.clone(decode=True)
+    cache = decoder.init(jax.random.key(1), x)['cache']
+    step = jax.jit(functools.partial(decoder.apply, mutable=['cache']))
+    steps = []
+    for t in range(T):
+      y, state = step({'params': params, 'cache': cache}, x[:, t : t + 1])
+      cache = state['cache']
+      steps.append(y)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+    assert int(cache['cache_index']) == T
+
+  def test_cached_decoding_with_padding_mask(self):
+    x = _inputs()
+    mask = _padding_mask([4, 7])
+    model = layers.MultiHeadAttention(num_heads=HEADS, deterministic=True)
+    params = model.init(jax.random.key(1), x)['params']
+    full = model.apply({'params': params}, x, mask=mask, causal=True)
+    decoder = model.clone(decode=True)
+    cache = decoder.init(jax.random.key(1), x)['cache']
+    step = jax.jit(functools.partial(decoder.apply, mutable=['cache']))
+    for t in range(T):
+      y, state = step(
+        {'params': params, 'cache': cache}, x[:, t : t + 1], mask=mask
+      )
+      cache = state['cache']
+      np.testing.assert_allclose(y[:, 0], full[:, t], atol=1e-5)
+
+  def test_decoding_rejects_more_than_one_position(self):
+    x = _inputs()
+    decoder = layers.MultiHeadAttention(num_heads=HEADS, decode=True)
+    variables = decoder.init(jax.random.key(1), x)
+    with pytest.raises(ValueError, match='one position per call'):
+      decoder.apply(variables, x[:, :2], mutable=['cache'])
+
+  @pytest.mark.parametrize('score', PARAM_SCORES)
+  def test_chunked_equals_dense(self, score):
+    x = _inputs()
+    mask = _padding_mask([5, 7])
+    model = layers.MultiHeadAttention(
+      num_heads=HEADS, score=score, max_len=T, deterministic=True
+    )
+    params = model.init(jax.random.key(1), x)['params']
+    dense = model.apply({'params': params}, x, mask=mask, causal=True)
+    chunked = model.clone(implementation='chunked', chunk_size=3).apply(
+      {'params': params}, x, mask=mask, causal=True
+    )
+    np.testing.assert_allclose(chunked, dense, atol=1e-5)
+
+  def test_jax_path_equals_dense(self):
+    x = _inputs()
+    mask = _padding_mask([3, 7])
+    model = layers.MultiHeadAttention(num_heads=HEADS, deterministic=True)
+    params = model.init(jax.random.key(1), x)['params']
+    dense = model.apply({'params': params}, x, mask=mask, causal=True)
+    fast = model.clone(implementation='jax').apply(
+      {'params': params}, x, mask=mask, causal=True
+    )
+    np.testing.assert_allclose(fast, dense, atol=1e-5)
+
+  def test_matches_pure_attention_on_its_own_projections(self):
+    x, y = _inputs(0), _inputs(1, (B, 5, D))
+    model = layers.MultiHeadAttention(
+      num_heads=HEADS, score='general', deterministic=True
+    )
+    params = _unbox(model.init(jax.random.key(1), x, y)['params'])
+
+    def project(name, inputs):
+      p = params[name]
+      return (
+        jnp.einsum('btd,dhk->bhtk', inputs, p['kernel']) + p['bias'][:, None, :]
+      )
+
+    q, k, v = project('query', x), project('key', y), project('value', y)
+    w = params['score_w']  # one bilinear matrix per head
+    logits = jnp.einsum('bhqd,hde,bhke->bhqk', q, w, k)
+    context = jnp.einsum('bhqk,bhkd->bhqd', jax.nn.softmax(logits), v)
+    expected = (
+      jnp.einsum('bhqd,hde->bqe', context, params['out']['kernel'])
+      + params['out']['bias']
+    )
+    np.testing.assert_allclose(
+      model.apply({'params': params}, x, y), expected, atol=1e-5
+    )
+
+  def test_per_head_score_weights(self):
+    model = layers.MultiHeadAttention(
+      num_heads=HEADS, score='additive', score_hidden=6
+    )
+    params = _unbox(model.init(jax.random.key(0), _inputs())['params'])
+    head_depth = D // HEADS
+    assert params['score_w_q'].shape == (HEADS, head_depth, 6)
+    assert params['score_v'].shape == (HEADS, 6)
+
+  def test_records_weights(self):
+    x = _inputs()
+    mask = _padding_mask([3, 7])
+    model = layers.MultiHeadAttention(num_heads=HEADS, deterministic=True)
+    variables = model.init(jax.random.key(1), x)
+    _, state = model.apply(variables, x, mask=mask, mutable=['intermediates'])
+    (weights,) = state['intermediates']['attention_weights']
+    assert weights.shape == (B, HEADS, T, T)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+    assert float(jnp.abs(weights[0, :, :, 3:]).max()) == 0.0
+
+  def test_causal_model_never_sees_the_future(self):
+    x = _inputs()
+    model = layers.MultiHeadAttention(
+      num_heads=HEADS, score='additive', deterministic=True
+    )
+    params = model.init(jax.random.key(1), x)['params']
+    # d output[b, t] / d input[b', s, :] for all t, s at once.
+    jacobian = jax.jacrev(
+      lambda x: model.apply({'params': params}, x, causal=True).sum(-1)
+    )(x)
+    per_position = jnp.abs(jacobian).sum(axis=(2, 4))  # [batch, t, s]
+    future = jnp.triu(jnp.ones((T, T), bool), k=1)
+    assert float(jnp.where(future, per_position, 0).max()) == 0.0
+    assert float(jnp.where(future, 1, per_position).min()) > 0.0
+
+  @pytest.mark.parametrize('implementation', ['dense', 'chunked', 'jax'])
+  def test_padding_never_changes_the_output(self, implementation):
+    x = _inputs()
+    lengths = jnp.array([4, 6])
+    mask = _padding_mask(lengths)
+    junk = 1e3 * _inputs(5)
+    keep = masks.length_mask(lengths, T)[..., None]
+    x_junk = jnp.where(keep, x, junk)
+    model = layers.MultiHeadAttention(
+      num_heads=HEADS,
+      implementation=implementation,
+      chunk_size=3,
+      deterministic=True,
+    )
+    params = model.init(jax.random.key(1), x)['params']
+    out = model.apply({'params': params}, x, mask=mask)
+    out_junk = model.apply({'params': params}, x_junk, mask=mask)
+    np.testing.assert_allclose(
+      jnp.where(keep, out, 0), jnp.where(keep, out_junk, 0), atol=1e-4
+    )
+
+  def test_dropout(self):
+    x = _inputs()
+    model = layers.MultiHeadAttention(num_heads=HEADS, dropout_rate=0.5)
+    params = model.init(jax.random.key(1), x, deterministic=True)['params']
+    det = model.apply({'params': params}, x, deterministic=True)
+    train = functools.partial(
+      model.apply, {'params': params}, x, deterministic=False
+    )
+    a = train(rngs={'dropout': jax.random.key(2)})
+    b = train(rngs={'dropout': jax.random.key(3)})
+    assert not np.allclose(a, det) and not np.allclose(a, b)
+    np.testing.assert_allclose(
+      train(rngs={'dropout': jax.random.key(2)}), a, atol=0
+    )
+
+  def test_bfloat16_computation(self):
+    x = _inputs()
+    model = layers.MultiHeadAttention(num_heads=HEADS, deterministic=True)
+    params = model.init(jax.random.key(1), x)['params']
+    ref = model.apply({'params': params}, x, causal=True)
+    low = model.clone(dtype=jnp.bfloat16).apply(
+      {'params': params}, x.astype(jnp.bfloat16), causal=True
+    )
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=0.1)
+
+  def test_bad_configurations(self):
+    x = _inputs()
+    with pytest.raises(ValueError, match='must divide'):
+      layers.MultiHeadAttention(num_heads=3).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match='scaled dot'):
+      layers.MultiHeadAttention(
+        num_heads=HEADS, score='additive', implementation='jax'
+      ).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match='implementation'):
+      layers.MultiHeadAttention(num_heads=HEADS, implementation='flash').init(
+        jax.random.key(0), x
+      )
+    with pytest.raises(ValueError, match='known scores'):
+      layers.MultiHeadAttention(num_heads=HEADS, score='dott').init(
+        jax.random.key(0), x
+      )
+    with pytest.raises(ValueError, match='max_len'):
+      layers.MultiHeadAttention(num_heads=HEADS, score='location').init(
+        jax.random.key(0), x
+      )
+    with pytest.raises(ValueError, match='max_len=4'):
+      layers.MultiHeadAttention(
+        num_heads=HEADS, score='location', max_len=4
+      ).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match='LocationAwareAttention'):
+      layers.MultiHeadAttention(num_heads=HEADS, score='location_aware').init(
+        jax.random.key(0), x
+      )
+    with pytest.raises(ValueError, match='no attention dropout'):
+      layers.MultiHeadAttention(
+        num_heads=HEADS, implementation='chunked', dropout_rate=0.1
+      ).init(jax.random.key(0), x, deterministic=False)
+
+  def test_logical_axes(self):
+    model = layers.MultiHeadAttention(num_heads=HEADS, score='general')
+    boxed = model.init(jax.random.key(0), _inputs())['params']
+    specs = nn.get_partition_spec(boxed)
+    assert tuple(specs['query']['kernel']) == ('embed', 'heads', 'kv')
+    assert tuple(specs['out']['kernel']) == ('heads', 'kv', 'embed')
+    assert tuple(specs['score_w']) == ('heads', 'embed', 'embed')
+
+
+class TestAttention:
+  @pytest.mark.parametrize('score', PARAM_SCORES)
+  def test_equals_pure_attention(self, score):
+    q, k = _inputs(0, (B, 3, 8)), _inputs(1, (B, T, 8))
+    mask = masks.length_mask(jnp.array([4, 7]), T)[:, None, :]
+    layer = layers.Attention(score=score, hidden=5, max_len=T)
+    variables = layer.init(jax.random.key(2), q, k, mask=mask)
+    params = _unbox(variables.get('params', {}))
+    context, weights = layer.apply({'params': params}, q, k, mask=mask)
+    p = {name.removeprefix('score_'): value for name, value in params.items()}
+    if score == 'location':
+      score_fn = lambda q, k: scores.location(q, p['w'], k.shape[-2])  # noqa: E731
+    else:
+      score_fn = functools.partial(scores.get(score), **p)
+    ref_context, ref_weights = attention.attention(q, k, k, score_fn, mask)
+    np.testing.assert_allclose(context, ref_context, atol=1e-6)
+    np.testing.assert_allclose(weights, ref_weights, atol=1e-6)
+
+  def test_callable_score_and_values(self):
+    q, k, v = (
+      _inputs(0, (B, 3, 8)),
+      _inputs(1, (B, T, 8)),
+      _inputs(2, (B, T, 5)),
+    )
+    layer = layers.Attention(score=scores.cosine)
+    variables = layer.init(jax.random.key(0), q, k, v)
+    assert not variables
+    context, weights = layer.apply(variables, q, k, v)
+    ref = attention.attention(q, k, v, scores.cosine)
+    np.testing.assert_allclose(context, ref[0], atol=1e-6)
+    _, state = layer.apply(variables, q, k, v, mutable=['intermediates'])
+    chex.assert_trees_all_close(
+      state['intermediates']['attention_weights'][0], weights
+    )
+
+
+class TestAlignmentModules:
+  def _mask(self):
+    return masks.length_mask(jnp.array([5, 7]), T)[:, None, :]
+
+  def test_local_m_window(self):
+    q, k = _inputs(0, (B, 4, D)), _inputs(1)
+    layer = layers.LocalAttention(window=1)
+    variables = layer.init(jax.random.key(0), q, k)
+    positions = jnp.array([0, 2, 4, 6])
+    _, weights = layer.apply(variables, q, k, positions=positions)
+    for row, center in enumerate(positions):
+      outside = jnp.abs(jnp.arange(T) - center) > 1
+      assert float(jnp.abs(weights[:, row][:, outside]).max()) == 0.0
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+
+  def test_local_p_gaussian_and_source_length(self):
+    q, k = _inputs(0, (B, 4, D)), _inputs(1)
+    mask = self._mask()
+    layer = layers.LocalAttention(window=2, predictive=True)
+    variables = layer.init(jax.random.key(0), q, k, mask=mask)
+    _, weights = layer.apply(variables, q, k, mask=mask)
+    assert float(weights[0, :, 5:].max()) == 0.0  # never past the source
+    assert bool(jnp.all(weights.sum(-1) <= 1.0 + 1e-6))
+    params = _unbox(variables['params'])
+    centers = attention.predict_positions(
+      q, params['w_p'], params['v_p'], jnp.array([5, 7])
+    )
+    expected = attention.local_attention(
+      q,
+      k,
+      k,
+      functools.partial(scores.general, w=params['score_w']),
+      centers,
+      width=2,
+      mask=mask,
+      gaussian=True,
+    )[1]
+    np.testing.assert_allclose(weights, expected, atol=1e-6)
+
+  def test_hard_attention_modes(self):
+    q, k = _inputs(0, (B, 3, D)), _inputs(1)
+    mask = self._mask()
+    layer = layers.HardAttention()
+    variables = layer.init(
+      jax.random.key(0), q, k, mask=mask, deterministic=True
+    )
+    _, argmax = layer.apply(variables, q, k, mask=mask, deterministic=True)
+    np.testing.assert_allclose(argmax.sum(-1), 1.0, atol=1e-6)
+    assert float(argmax[0, :, 5:].max()) == 0.0
+    _, sampled = layer.apply(
+      variables,
+      q,
+      k,
+      mask=mask,
+      deterministic=False,
+      rngs={'gumbel': jax.random.key(4)},
+    )
+    # Straight-through values are one-hot up to float rounding.
+    np.testing.assert_allclose(sampled.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(jnp.round(sampled), sampled, atol=1e-6)
+
+  def test_monotonic_step_by_step_equals_sequence(self):
+    q, k = _inputs(0, (B, 4, D)), _inputs(1)
+    mask = self._mask()
+    for deterministic in (True, False):
+      layer = layers.MonotonicAttention(noise_std=0.0, score_bias_init=0.0)
+      variables = layer.init(
+        {'params': jax.random.key(0), 'noise': jax.random.key(1)},
+        q,
+        k,
+        mask=mask,
+        deterministic=deterministic,
+      )
+      apply = functools.partial(
+        layer.apply,
+        variables,
+        mask=mask,
+        deterministic=deterministic,
+        rngs={'noise': jax.random.key(1)},
+      )
+      context, weights = apply(q, k)
+      prev = None
+      for t in range(q.shape[1]):
+        c_t, w_t = apply(q[:, t : t + 1], k, init=prev)
+        np.testing.assert_allclose(w_t[:, 0], weights[:, t], atol=1e-6)
+        np.testing.assert_allclose(c_t[:, 0], context[:, t], atol=1e-5)
+        prev = w_t[:, 0]
+      assert float(weights[0, :, 5:].max()) == 0.0
+      if deterministic:  # hard monotonic decoding: one-hot or nothing
+        assert set(np.unique(np.asarray(weights))) <= {0.0, 1.0}
+
+  def test_location_aware_step_by_step_equals_sequence(self):
+    q, k = _inputs(0, (B, 4, D)), _inputs(1)
+    mask = self._mask()
+    layer = layers.LocationAwareAttention(channels=3, kernel_size=5)
+    variables = layer.init(jax.random.key(0), q, k, mask=mask)
+    context, weights = layer.apply(variables, q, k, mask=mask)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+    prev = None
+    for t in range(q.shape[1]):
+      c_t, w_t = layer.apply(
+        variables, q[:, t : t + 1], k, mask=mask, init=prev
+      )
+      np.testing.assert_allclose(w_t[:, 0], weights[:, t], atol=1e-6)
+      np.testing.assert_allclose(c_t[:, 0], context[:, t], atol=1e-5)
+      prev = w_t[:, 0]
+    # The previous alignment matters: a different start changes step 0.
+    other = jax.nn.one_hot(jnp.array([4, 6]), T)
+    _, w_other = layer.apply(variables, q, k, mask=mask, init=other)
+    assert not np.allclose(w_other[:, 0], weights[:, 0])
+
+  def test_location_aware_rejects_even_kernel(self):
+    q, k = _inputs(0, (B, 4, D)), _inputs(1)
+    with pytest.raises(ValueError, match='odd'):
+      layers.LocationAwareAttention(kernel_size=4).init(jax.random.key(0), q, k)
