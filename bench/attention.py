@@ -14,9 +14,11 @@ Prints markdown tables:
    ...) so that load from other processes hits both alike.
 2. Chunked vs dense attention on long sequences: forward+backward time and
    peak memory of `chunked_attention` against `attention(...)[0]`. Every
-   cell runs in a fresh subprocess, because the process high-water mark
-   (VmHWM / ru_maxrss) never goes down; a cell whose dense tensors would not
-   fit in memory is skipped on an estimate rather than run.
+   cell runs in a fresh subprocess and reads its own VmHWM (reset to the
+   resident set once inputs exist). Not ru_maxrss: a child inherits that
+   from its parent across fork+exec, so every cell would report at least
+   the parent's peak. A cell whose dense tensors would not fit in memory is
+   skipped on an estimate rather than run.
 """
 
 import argparse
@@ -46,7 +48,7 @@ CHUNK = 512
 DENSE_COPIES = 5
 # Dense cells whose estimate exceeds this are skipped (the machine has 24 GiB).
 MEMORY_BUDGET = 16 * GIB
-# The chunked additive cell at 16384 takes ~3 min per call on 2 cores.
+# The chunked additive cell at 16384 takes ~1.5 min per call on 2 cores.
 CELL_TIMEOUT_S = 1200
 REPEAT_BUDGET_S = 60
 
@@ -374,6 +376,12 @@ def main():
     '--quick', action='store_true', help='tiny sizes, a smoke check'
   )
   parser.add_argument(
+    '--table',
+    choices=('all', 'dense', 'chunked'),
+    default='all',
+    help='which table to run',
+  )
+  parser.add_argument(
     '--cell', help='internal: run one table-2 cell (JSON) and print JSON'
   )
   args = parser.parse_args()
@@ -390,19 +398,20 @@ def main():
     dense_cfg = dict(lengths=(128, 512, 2048), mask_lengths=(512,), budget_s=8)
     chunked_cfg = dict(lengths=(2048, 4096, 16384), repeats=5)
 
-  print(
-    '### Dense dot-product path, fwd+bwd (batch 8, 8 heads, depth 64, '
-    'float32, median)\n'
-  )
-  print(bench_dense(batch=8, heads=8, **dense_cfg))
-  print()
-  print(
-    f'### Chunked (chunk {CHUNK}) vs dense, fwd+bwd (batch 1, 1 head, '
-    f'depth {DEPTH}, additive hidden {HIDDEN}, float32, median; fresh '
-    'process per row)\n'
-  )
-  print(bench_chunked(('scaled_dot', 'additive'), **chunked_cfg))
-  sys.stdout.flush()
+  if args.table in ('all', 'dense'):
+    print(
+      '### Dense dot-product path, fwd+bwd (batch 8, 8 heads, depth 64, '
+      'float32, median)\n'
+    )
+    print(bench_dense(batch=8, heads=8, **dense_cfg), flush=True)
+    print()
+  if args.table in ('all', 'chunked'):
+    print(
+      f'### Chunked (chunk {CHUNK}) vs dense, fwd+bwd (batch 1, 1 head, '
+      f'depth {DEPTH}, additive hidden {HIDDEN}, float32, median; fresh '
+      'process per row)\n'
+    )
+    print(bench_chunked(('scaled_dot', 'additive'), **chunked_cfg), flush=True)
 
 
 if __name__ == '__main__':

@@ -1,5 +1,10 @@
 """Tests for attnjax.attention: soft, chunked, hard, local, monotonic and
-location-aware attention."""
+location-aware attention.
+
+Inputs are built in numpy and the library runs under `jax.jit` unless a test
+is about eager execution: run eagerly, every primitive compiles on its own and
+compile time would dominate the suite.
+"""
 
 import functools
 
@@ -14,17 +19,23 @@ from attnjax import attention, masks, scores
 
 B, TQ, TK, QD, KD, VD, HIDDEN = 2, 5, 13, 4, 4, 3, 5
 
-# Eagerly, the prefix scans compile op by op; jitted they compile once.
-_monotonic_alignment = jax.jit(
+# The suite's time goes into XLA compiling many small programs (custom-VJP
+# scans, prefix scans); without backend optimisations that takes about half
+# as long, and no checked value depends on it. The chex variants below use
+# the default jit.
+_FAST_COMPILE = {'xla_backend_optimization_level': 0}
+_jit = functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+
+_monotonic_alignment = _jit(
   attention.monotonic_alignment, static_argnames='mode'
 )
-_monotonic_weights = jax.jit(
+_monotonic_weights = _jit(
   attention.monotonic_weights, static_argnames=('hard', 'mode')
 )
 
 
 def _normal(rng, *shape, scale=1.0):
-  return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
+  return (scale * rng.normal(size=shape)).astype(np.float32)
 
 
 def _qkv(rng, tq=TQ, tk=TK, lead=(B,)):
@@ -35,7 +46,7 @@ def _qkv(rng, tq=TQ, tk=TK, lead=(B,)):
   )
 
 
-def _np_masked_softmax(s, mask=None):
+def _np_softmax(s, mask=None):
   """Float64 softmax over the last axis; rows with nothing allowed are 0."""
   s = np.asarray(s, np.float64)
   mask = np.ones(s.shape, bool) if mask is None else np.asarray(mask)
@@ -48,9 +59,18 @@ def _np_masked_softmax(s, mask=None):
   return e / np.where(total > 0, total, 1.0)
 
 
+def _valid(lengths, tk=TK):
+  """Valid keys `[batch, tk]` (numpy)."""
+  return np.arange(tk) < np.asarray(lengths)[:, None]
+
+
 def _padding_mask(lengths, tk=TK):
-  """Key padding mask `[batch, 1, tk]`."""
-  return masks.length_mask(jnp.asarray(lengths), tk)[:, None, :]
+  """Key padding mask `[batch, 1, tk]` (numpy)."""
+  return _valid(lengths, tk)[:, None, :]
+
+
+def _f64(x):
+  return np.asarray(x, np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -82,7 +102,7 @@ def _score_setup(name, rng, tq=TQ, tk=TK, batch=B):
     params = {**additive, 'b': n(HIDDEN)}
     return params, lambda p: functools.partial(scores.additive, **p)
   if name == 'normed_additive':
-    params = {**additive, 'b': n(HIDDEN), 'g': jnp.asarray(1.5, jnp.float32)}
+    params = {**additive, 'b': n(HIDDEN), 'g': np.float32(1.5)}
     return params, lambda p: functools.partial(scores.normed_additive, **p)
   if name == 'concat':
     return {'w': n(QD + KD)}, lambda p: functools.partial(scores.concat, **p)
@@ -98,7 +118,7 @@ def _score_setup(name, rng, tq=TQ, tk=TK, batch=B):
   if name == 'location_aware':
     params = {
       **additive,
-      'prev': jax.nn.softmax(n(batch, tq, tk)),
+      'prev': _np_softmax(n(batch, tq, tk)).astype(np.float32),
       'conv': n(3, 2),
       'w_f': n(2, HIDDEN),
       'b': n(HIDDEN),
@@ -125,13 +145,9 @@ def _score_setup(name, rng, tq=TQ, tk=TK, batch=B):
   raise AssertionError(name)
 
 
-# ---------------------------------------------------------------------------
-# attention()
-
-
 def _np_scores(name, q, k, params):
-  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
-  p = {key: np.asarray(val, np.float64) for key, val in params.items()}
+  q, k = _f64(q), _f64(k)
+  p = {key: _f64(val) for key, val in params.items()}
   if name == 'dot':
     return q @ np.swapaxes(k, -1, -2)
   if name == 'general':
@@ -142,6 +158,17 @@ def _np_scores(name, q, k, params):
   raise AssertionError(name)
 
 
+# ---------------------------------------------------------------------------
+# attention()
+
+
+@_jit
+def _additive_attention(q, k, v, params, mask):
+  return attention.attention(
+    q, k, v, functools.partial(scores.additive, **params), mask
+  )
+
+
 @pytest.mark.parametrize('name', ['dot', 'general', 'additive'])
 @pytest.mark.parametrize('with_mask', [False, True])
 def test_attention_matches_numpy(name, with_mask):
@@ -149,15 +176,16 @@ def test_attention_matches_numpy(name, with_mask):
   q, k, v = _qkv(rng)
   params, bind = _score_setup(name, rng)
   mask = _padding_mask([TK, 6]) if with_mask else None
-  context, weights = attention.attention(q, k, v, bind(params), mask)
+  run = _jit(lambda q, k, v, p, m: attention.attention(q, k, v, bind(p), m))
+  context, weights = run(q, k, v, params, mask)
   assert context.shape == (B, TQ, VD)
   assert weights.shape == (B, TQ, TK)
   assert weights.dtype == jnp.float32
-  assert context.dtype == v.dtype
-  expected_w = _np_masked_softmax(_np_scores(name, q, k, params), mask)
+  assert context.dtype == jnp.float32
+  expected_w = _np_softmax(_np_scores(name, q, k, params), mask)
   np.testing.assert_allclose(weights, expected_w, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(
-    context, expected_w @ np.asarray(v, np.float64), atol=1e-5, rtol=1e-5
+    context, expected_w @ _f64(v), atol=1e-5, rtol=1e-5
   )
   if with_mask:
     assert np.all(np.asarray(weights)[1, :, 6:] == 0)
@@ -169,60 +197,61 @@ def test_attention_broadcasts_leading_dims():
   k = _normal(rng, B, 1, TK, KD)
   v = _normal(rng, TK, VD)
   mask = _padding_mask([TK, 4])[:, None]  # [batch, 1, 1, k_len]
-  context, weights = attention.attention(q, k, v, scores.dot, mask)
+  run = _jit(lambda *a: attention.attention(*a[:3], scores.dot, a[3]))
+  context, weights = run(q, k, v, mask)
   assert context.shape == (B, 3, TQ, VD)
   assert weights.shape == (B, 3, TQ, TK)
-  expected_w = _np_masked_softmax(_np_scores('dot', q, k, {}), mask)
+  expected_w = _np_softmax(_np_scores('dot', q, k, {}), mask)
   np.testing.assert_allclose(weights, expected_w, atol=1e-5)
-  np.testing.assert_allclose(context, expected_w @ np.asarray(v), atol=1e-5)
+  np.testing.assert_allclose(context, expected_w @ _f64(v), atol=1e-5)
 
 
 @pytest.mark.parametrize('name', ['dot', 'additive', 'general'])
-@pytest.mark.parametrize('junk_scale', [1.0, 1e30])
+@pytest.mark.parametrize('junk_scale', [1.0, 1e38])
 @pytest.mark.parametrize('chunked', [False, True])
 def test_padding_invariance(name, junk_scale, chunked):
+  """Keys and values at masked positions never reach the output."""
   rng = np.random.default_rng(2)
   q, k, v = _qkv(rng)
   params, bind = _score_setup(name, rng)
-  lengths = [9, 4]
-  mask = _padding_mask(lengths)
-  valid = np.asarray(masks.length_mask(jnp.asarray(lengths), TK))  # [B, TK]
-  junk_k = _normal(rng, *k.shape, scale=junk_scale)
-  junk_v = _normal(rng, *v.shape, scale=junk_scale)
-  k2 = jnp.where(valid[..., None], k, junk_k)
-  v2 = jnp.where(valid[..., None], v, junk_v)
+  valid = _valid([9, 4])
+  mask = valid[:, None, :]
+  k2 = np.where(valid[..., None], k, _normal(rng, *k.shape, scale=junk_scale))
+  v2 = np.where(valid[..., None], v, _normal(rng, *v.shape, scale=junk_scale))
 
-  def run(k, v):
+  @_jit
+  def run(k, v, params):
     if chunked:
       out = attention.chunked_attention(
         q, k, v, bind(params), mask, chunk_size=4
       )
-      return out, None
+      return out, jnp.zeros(())
     return attention.attention(q, k, v, bind(params), mask)
 
-  context, weights = run(k, v)
-  context2, weights2 = run(k2, v2)
+  context, weights = run(k, v, params)
+  context2, weights2 = run(k2, v2, params)
   assert np.all(np.isfinite(context2))
   np.testing.assert_allclose(context2, context, atol=1e-6, rtol=1e-6)
   if not chunked:
+    assert np.all(np.isfinite(weights2))
     np.testing.assert_allclose(weights2, weights, atol=1e-7)
-    assert np.all(np.asarray(weights2)[~np.broadcast_to(mask, weights.shape)]
-                  == 0)
+    assert np.all(np.asarray(weights2)[:, :, ~valid[1]][1] == 0)
 
 
 def test_fully_masked_row_gives_zero_context():
   rng = np.random.default_rng(3)
   q, k, v = _qkv(rng)
-  mask = _padding_mask([TK, 0])
-  context, weights = attention.attention(q, k, v, scores.dot, mask)
+  run = _jit(lambda *a: attention.attention(*a[:3], scores.dot, a[3]))
+  context, weights = jax.device_get(run(q, k, v, _padding_mask([TK, 0])))
   np.testing.assert_array_equal(context[1], 0.0)
   np.testing.assert_array_equal(weights[1], 0.0)
   assert np.all(np.isfinite(context))
   # A single fully masked query row in an otherwise valid batch entry.
-  row_mask = jnp.ones((B, TQ, TK), bool).at[0, 2].set(False)
-  context, _ = attention.attention(q, k, v, scores.dot, row_mask)
+  row_mask = np.ones((B, TQ, TK), bool)
+  row_mask[0, 2] = False
+  context, _ = jax.device_get(run(q, k, v, row_mask))
   np.testing.assert_array_equal(context[0, 2], 0.0)
-  assert np.all(np.abs(np.asarray(context[0, :2])) > 0)
+  assert np.all(np.abs(context[0, :2]) > 0)
 
 
 # ---------------------------------------------------------------------------
@@ -230,38 +259,38 @@ def test_fully_masked_row_gives_zero_context():
 
 
 def _seed_003_inputs():
-  queries = jnp.ones((2, 1, 2), jnp.float32)
-  keys = jnp.ones((2, 10, 2), jnp.float32)
-  values = jnp.repeat(
-    jnp.arange(40, dtype=jnp.float32).reshape(1, 10, 4), 2, axis=0
-  )
-  mask = masks.length_mask(jnp.asarray([2, 6]), 10)[:, None, :]
-  return queries, keys, values, mask
+  queries = np.ones((2, 1, 2), np.float32)
+  keys = np.ones((2, 10, 2), np.float32)
+  values = np.repeat(np.arange(40, dtype=np.float32).reshape(1, 10, 4), 2, 0)
+  valid_lens = np.array([2, 6])
+  return queries, keys, values, valid_lens
 
 
 SEED_003_EXPECTED = np.array([[[2, 3, 4, 5]], [[10, 11, 12, 13]]], np.float32)
 
 
-def test_seed_003_scaled_dot_attention():
-  q, k, v, mask = _seed_003_inputs()
-  context, _ = attention.attention(q, k, v, scores.scaled_dot, mask)
-  np.testing.assert_allclose(context, SEED_003_EXPECTED, atol=1e-5)
-  np.testing.assert_allclose(
-    attention.dot_product_attention(q, k, v, mask), SEED_003_EXPECTED,
-    atol=1e-5,
-  )
+def test_seed_003_dot_product_attention():
+  q, k, v, valid_lens = _seed_003_inputs()
+
+  @_jit
+  def run(q, k, v, valid_lens):
+    mask = masks.length_mask(valid_lens, 10)[:, None, :]
+    return (
+      attention.attention(q, k, v, scores.scaled_dot, mask)[0],
+      attention.dot_product_attention(q, k, v, mask),
+    )
+
+  for context in run(q, k, v, valid_lens):
+    np.testing.assert_allclose(context, SEED_003_EXPECTED, atol=1e-5)
 
 
 def test_seed_003_mlp_attention():
-  q, k, v, mask = _seed_003_inputs()
+  q, k, v, valid_lens = _seed_003_inputs()
   rng = np.random.default_rng(4)
-  score_fn = functools.partial(
-    scores.additive,
-    w_q=_normal(rng, 2, 8),
-    w_k=_normal(rng, 2, 8),
-    v=_normal(rng, 8),
-  )
-  context, _ = attention.attention(q, k, v, score_fn, mask)
+  params = {'w_q': _normal(rng, 2, 8), 'w_k': _normal(rng, 2, 8)}
+  params['v'] = _normal(rng, 8)
+  mask = masks.length_mask(valid_lens, 10)[:, None, :]
+  context, _ = _additive_attention(q, k, v, params, mask)
   np.testing.assert_allclose(context, SEED_003_EXPECTED, atol=1e-5)
 
 
@@ -277,12 +306,17 @@ def _bhtd(rng, heads=3, tq=6, tk=6, depth=8):
   )
 
 
-def _jax_nn(q, k, v, mask=None, scale=None):
+@functools.partial(_jit, static_argnames='scale')
+def _both_dot_product_attentions(q, k, v, mask, scale=None):
+  ours = attention.dot_product_attention(q, k, v, mask, scale=scale)
+  # jax.nn's layout is [batch, len, heads, depth], its mask [b, h, q, k].
   swap = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
-  out = jax.nn.dot_product_attention(
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (*q.shape[:-1], k.shape[-2]))
+  theirs = jax.nn.dot_product_attention(
     swap(q), swap(k), swap(v), mask=mask, scale=scale
   )
-  return swap(out)
+  return ours, swap(theirs)
 
 
 @pytest.mark.parametrize('kind', ['none', 'padding', 'causal', 'both'])
@@ -290,18 +324,16 @@ def _jax_nn(q, k, v, mask=None, scale=None):
 def test_dot_product_attention_matches_jax_nn(kind, scale):
   rng = np.random.default_rng(5)
   q, k, v = _bhtd(rng)
-  heads, tq, tk = q.shape[1], q.shape[2], k.shape[2]
-  padding = masks.length_mask(jnp.asarray([tk, 3]), tk)[:, None, None, :]
-  causal = masks.causal_mask(tq, tk)
+  tq, tk = q.shape[2], k.shape[2]
+  padding = _valid([tk, 3], tk)[:, None, None, :]
+  causal = np.tril(np.ones((tq, tk), bool))
   mask = {
     'none': None,
     'padding': padding,
     'causal': causal,
-    'both': masks.combine(padding, causal),
+    'both': padding & causal,
   }[kind]
-  ours = attention.dot_product_attention(q, k, v, mask, scale=scale)
-  full_mask = None if mask is None else jnp.broadcast_to(mask, (B, heads, tq, tk))
-  theirs = _jax_nn(q, k, v, full_mask, scale)
+  ours, theirs = _both_dot_product_attentions(q, k, v, mask, scale=scale)
   assert ours.shape == q.shape[:-1] + (v.shape[-1],)
   np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -309,42 +341,45 @@ def test_dot_product_attention_matches_jax_nn(kind, scale):
 def test_dot_product_attention_bfloat16():
   rng = np.random.default_rng(6)
   q, k, v = _bhtd(rng)
-  mask = masks.causal_mask(q.shape[2])
-  expected = attention.dot_product_attention(q, k, v, mask)
-  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-  out = attention.dot_product_attention(*bf16, mask)
+  mask = np.tril(np.ones((q.shape[2],) * 2, bool))
+  run = _jit(attention.dot_product_attention)
+  expected = run(q, k, v, mask)
+  out = run(*[jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)], mask)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(
-    out.astype(jnp.float32), expected, atol=5e-2, rtol=5e-2
+    np.asarray(out, np.float32), expected, atol=5e-2, rtol=5e-2
   )
 
 
 def test_dot_product_attention_equals_attention_scaled_dot():
   rng = np.random.default_rng(7)
   q, k, v = _bhtd(rng)
-  mask = masks.causal_mask(q.shape[2])
-  np.testing.assert_allclose(
-    attention.dot_product_attention(q, k, v, mask),
-    attention.attention(q, k, v, scores.scaled_dot, mask)[0],
-    atol=1e-5,
-  )
+
+  @_jit
+  def run(q, k, v):
+    mask = masks.causal_mask(q.shape[-2])
+    return (
+      attention.dot_product_attention(q, k, v, mask),
+      attention.attention(q, k, v, scores.scaled_dot, mask)[0],
+    )
+
+  ours, expected = run(q, k, v)
+  np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------
 # chunked_attention == attention, value and gradient, for every score.
 
-# These tests are bound by XLA compile time (a custom-VJP scan per case), so
-# they compile without backend optimisations; the numerics are unchanged.
-_FAST_COMPILE = {'xla_backend_optimization_level': 0}
-
-CB = 3  # batch of the chunked tests: one full, one padded, one empty row
+CB = 3  # batch of the chunked tests: a full, a padded and an empty entry
 
 CHUNK_CONFIGS = {
   # name: (chunk_size, key lengths or None, causal)
-  # 13 keys in chunks of 4: three full chunks and a remainder of 1; the
-  # last batch entry has no valid key at all.
-  'ragged_padded': (4, [TK, 7, 0], False),
-  # Causal with k_len > q_len, over chunks of 5 (remainder 3), padded.
+  # 13 keys in chunks of 4: three full chunks and a remainder of 1. The
+  # mask is a full [batch, q_len, k_len] one (padding with random holes);
+  # query 1 of entry 0 and all of entry 2 have no valid key.
+  'ragged_masked': (4, [TK, 7, 0], False),
+  # Causal with k_len > q_len, over chunks of 5 (remainder 3), and a
+  # factored key padding mask [batch, 1, k_len].
   'causal_padded': (5, [TK, 10, TK], True),
   # One chunk holds every key (chunk_size >= k_len), no mask.
   'single_chunk': (16, None, False),
@@ -352,14 +387,16 @@ CHUNK_CONFIGS = {
 
 
 def _chunked_and_dense_grads(name, config, seed=8):
-  """Value and gradients of chunked and of dense attention, both jitted."""
+  """Values and gradients of chunked and of dense attention, both jitted."""
   chunk_size, lengths, causal = CHUNK_CONFIGS[config]
   rng = np.random.default_rng(seed)
   q, k, v = _qkv(rng, lead=(CB,))
   params, bind = _score_setup(name, rng, batch=CB)
   cotangent = _normal(rng, CB, TQ, VD)
   mask = None if lengths is None else _padding_mask(lengths)
-  dense_mask = masks.combine(mask, masks.causal_mask(TQ, TK) if causal else None)
+  if config == 'ragged_masked':
+    mask = mask & (rng.uniform(size=(CB, TQ, TK)) < 0.7)
+    mask[0, 1] = False
 
   def chunked_loss(q, k, v, params):
     out = attention.chunked_attention(
@@ -368,17 +405,31 @@ def _chunked_and_dense_grads(name, config, seed=8):
     return jnp.sum(out * cotangent), out
 
   def dense_loss(q, k, v, params):
+    causal_mask = masks.causal_mask(TQ, TK) if causal else None
+    dense_mask = masks.combine(mask, causal_mask)
     out, _ = attention.attention(q, k, v, bind(params), dense_mask)
     return jnp.sum(out * cotangent), out
 
-  def value_and_grads(loss):
-    fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
-    (_, out), grads = jax.jit(fn, compiler_options=_FAST_COMPILE)(
-      q, k, v, params
-    )
-    return out, grads
+  @_jit  # one program for both: compiling is most of the cost
+  def run(q, k, v, params):
+    results = []
+    for loss in (chunked_loss, dense_loss):
+      fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+      (_, out), grads = fn(q, k, v, params)
+      results.append((out, grads))
+    return results
 
-  return value_and_grads(chunked_loss), value_and_grads(dense_loss)
+  return jax.device_get(run(q, k, v, params))
+
+
+def _assert_trees_close(got, want, atol, rtol):
+  chex.assert_trees_all_equal_structs(got, want)
+  for (path, x), y in zip(
+    jax.tree.leaves_with_path(got), jax.tree.leaves(want), strict=True
+  ):
+    name = jax.tree_util.keystr(path)
+    assert np.all(np.isfinite(x)), name
+    np.testing.assert_allclose(x, y, atol=atol, rtol=rtol, err_msg=name)
 
 
 @pytest.mark.parametrize('config', list(CHUNK_CONFIGS))
@@ -389,20 +440,17 @@ def test_chunked_matches_dense(name, config):
   )
   assert out.shape == (CB, TQ, VD) and out.dtype == jnp.float32
   np.testing.assert_allclose(out, expected_out, atol=1e-5, rtol=1e-5)
-  chex.assert_trees_all_equal_structs(grads, expected_grads)
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(grads)]
-  for path, got, want in zip(
-    paths, jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
-  ):
-    assert np.all(np.isfinite(got)), path
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=path)
-  if config == 'ragged_padded':
-    # A query with no valid key: zero context, zero (finite) gradients.
+  _assert_trees_close(grads, expected_grads, atol=1e-4, rtol=1e-4)
+  if config == 'ragged_masked':
+    # Queries with no valid key: zero context, zero (finite) gradients.
     np.testing.assert_array_equal(out[2], 0.0)
+    np.testing.assert_array_equal(out[0, 1], 0.0)
+    np.testing.assert_array_equal(grads[0][0, 1], 0.0)
     for g in grads[:3]:
       np.testing.assert_array_equal(g[2], 0.0)
     if name == 'location_aware':
       np.testing.assert_array_equal(grads[3]['prev'][2], 0.0)
+      np.testing.assert_array_equal(grads[3]['prev'][0, 1], 0.0)
 
 
 def test_chunked_broadcast_leading_dims():
@@ -421,21 +469,20 @@ def test_chunked_broadcast_leading_dims():
   def dense(q, k, v, score_fn):
     return attention.attention(q, k, v, score_fn, mask)[0]
 
-  def value_and_grads(fn):
-    def loss(q, k, v, params):
-      return jnp.sum(fn(q, k, v, bind(params)) * cotangent)
+  @_jit
+  def run(q, k, v, params):
+    results = []
+    for fn in (chunked, dense):
 
-    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-    return jax.jit(grad, compiler_options=_FAST_COMPILE)(q, k, v, params)
+      def loss(q, k, v, params, fn=fn):
+        return jnp.sum(fn(q, k, v, bind(params)) * cotangent)
 
-  value, grads = value_and_grads(chunked)
-  expected_value, expected_grads = value_and_grads(dense)
+      results.append(jax.value_and_grad(loss, (0, 1, 2, 3))(q, k, v, params))
+    return results
+
+  (value, grads), (expected_value, expected_grads) = run(q, k, v, params)
   np.testing.assert_allclose(value, expected_value, atol=1e-4, rtol=1e-5)
-  for got, want in zip(
-    jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
-  ):
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  _assert_trees_close(grads, expected_grads, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------
@@ -443,6 +490,7 @@ def test_chunked_broadcast_leading_dims():
 
 
 def _all_avals(jaxpr):
+  """Every aval in `jaxpr` and, recursively, in the jaxprs of its eqns."""
   if isinstance(jaxpr, jex.core.ClosedJaxpr):
     jaxpr = jaxpr.jaxpr
   for var in (*jaxpr.constvars, *jaxpr.invars, *jaxpr.outvars):
@@ -464,16 +512,16 @@ def _largest_aval(jaxpr):
 @pytest.mark.parametrize('kind', ['none', 'padding', 'causal'])
 def test_chunked_memory_structure(kind):
   q_len, k_len, chunk, hidden, depth = 64, 4096, 128, 8, 4
-  q = jnp.zeros((q_len, depth), jnp.float32)
-  k = jnp.zeros((k_len, depth), jnp.float32)
-  v = jnp.zeros((k_len, depth), jnp.float32)
+  # Only traced: no array of these shapes is ever computed.
+  q = jax.ShapeDtypeStruct((q_len, depth), jnp.float32)
+  k = v = jax.ShapeDtypeStruct((k_len, depth), jnp.float32)
   params = {
-    'w_q': jnp.zeros((depth, hidden)),
-    'w_k': jnp.zeros((depth, hidden)),
-    'v': jnp.zeros((hidden,)),
-    'b': jnp.zeros((hidden,)),
+    'w_q': jax.ShapeDtypeStruct((depth, hidden), jnp.float32),
+    'w_k': jax.ShapeDtypeStruct((depth, hidden), jnp.float32),
+    'v': jax.ShapeDtypeStruct((hidden,), jnp.float32),
+    'b': jax.ShapeDtypeStruct((hidden,), jnp.float32),
   }
-  mask = jnp.ones((1, k_len), bool) if kind == 'padding' else None
+  mask = np.ones((1, k_len), bool) if kind == 'padding' else None
   causal = kind == 'causal'
 
   def chunked_loss(q, k, v, params):
@@ -488,19 +536,15 @@ def test_chunked_memory_structure(kind):
     dense_mask = masks.causal_mask(q_len, k_len) if causal else mask
     return jnp.sum(attention.attention(q, k, v, score_fn, dense_mask)[0])
 
-  grad_args = (q, k, v, params)
+  def jaxpr_of(fn):
+    return jax.make_jaxpr(fn)(q, k, v, params)
+
   limit = q_len * k_len
-  chunked_jaxpr = jax.make_jaxpr(jax.grad(chunked_loss, argnums=(0, 1, 2, 3)))(
-    *grad_args
-  )
-  dense_jaxpr = jax.make_jaxpr(jax.grad(dense_loss, argnums=(0, 1, 2, 3)))(
-    *grad_args
-  )
-  assert _largest_aval(dense_jaxpr) >= limit  # the check can fail
-  assert _largest_aval(chunked_jaxpr) < limit
-  # The forward pass alone, too.
-  forward_jaxpr = jax.make_jaxpr(chunked_loss)(*grad_args)
-  assert _largest_aval(forward_jaxpr) < limit
+  assert depth * k_len < limit  # inputs alone stay under the limit
+  # The dense gradient materialises [q_len, k_len]: the check can fail.
+  assert _largest_aval(jaxpr_of(jax.grad(dense_loss, (0, 1, 2, 3)))) >= limit
+  assert _largest_aval(jaxpr_of(jax.grad(chunked_loss, (0, 1, 2, 3)))) < limit
+  assert _largest_aval(jaxpr_of(chunked_loss)) < limit
 
 
 # ---------------------------------------------------------------------------
@@ -530,7 +574,7 @@ def test_chunked_rejects_bad_chunk_size(chunk_size):
 @RUNNERS
 def test_rejects_non_bool_mask(run):
   q, k, v = _qkv(np.random.default_rng(11))
-  mask = jnp.ones((B, 1, TK), jnp.float32)
+  mask = np.ones((B, 1, TK), np.float32)
   with pytest.raises(TypeError, match='boolean'):
     run(q, k, v, scores.dot, mask)
 
@@ -538,7 +582,7 @@ def test_rejects_non_bool_mask(run):
 @RUNNERS
 def test_rejects_mask_that_does_not_broadcast(run):
   q, k, v = _qkv(np.random.default_rng(12))
-  mask = jnp.ones((B, 1, TK + 1), bool)
+  mask = np.ones((B, 1, TK + 1), bool)
   with pytest.raises(ValueError, match='broadcast'):
     run(q, k, v, scores.dot, mask)
 
@@ -547,7 +591,7 @@ def test_rejects_mask_that_does_not_broadcast(run):
 def test_rejects_rank_1_queries(run):
   _, k, v = _qkv(np.random.default_rng(13))
   with pytest.raises(ValueError, match='rank'):
-    run(jnp.ones((QD,)), k, v, scores.dot)
+    run(np.ones((QD,), np.float32), k, v, scores.dot)
 
 
 @RUNNERS
@@ -565,7 +609,7 @@ def test_rejects_score_of_wrong_shape(run):
     return scores.dot(q, k)[..., :-1]
 
   with pytest.raises(ValueError, match='score_fn must return'):
-    run(q, k, v, bad_score)
+    _jit(lambda q, k, v: run(q, k, v, bad_score))(q, k, v)
 
 
 def test_dot_product_attention_rejects_depth_mismatch():
@@ -598,11 +642,9 @@ class JitVariantsTest(chex.TestCase):
       return attention.attention(q, k, v, scores.scaled_dot, mask)
 
     context, weights = fn(q, k, v, mask)
-    expected_w = _np_masked_softmax(
-      _np_scores('dot', q, k, {}) / np.sqrt(QD), mask
-    )
+    expected_w = _np_softmax(_np_scores('dot', q, k, {}) / np.sqrt(QD), mask)
     np.testing.assert_allclose(weights, expected_w, atol=1e-5)
-    np.testing.assert_allclose(context, expected_w @ np.asarray(v), atol=1e-5)
+    np.testing.assert_allclose(context, expected_w @ _f64(v), atol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_chunked_attention(self):
@@ -617,23 +659,21 @@ class JitVariantsTest(chex.TestCase):
         q, k, v, bind(params), mask, chunk_size=4
       )
 
-    expected, _ = attention.attention(q, k, v, bind(params), mask)
+    expected, _ = _additive_attention(q, k, v, params, mask)
     np.testing.assert_allclose(fn(q, k, v, params, mask), expected, atol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_monotonic_weights(self):
     rng = np.random.default_rng(20)
-    p = jnp.asarray(rng.uniform(size=(B, TQ, TK)), jnp.float32)
+    p = rng.uniform(size=(B, TQ, TK)).astype(np.float32)
     mask = _padding_mask([TK, 8])
 
     @self.variant
     def fn(p, mask):
       return attention.monotonic_weights(p, mask)
 
-    weights = fn(p, mask)
-    masked_p = np.where(np.broadcast_to(mask, p.shape), p, 0.0)
-    expected = _np_monotonic_weights(masked_p)
-    np.testing.assert_allclose(weights, expected, atol=1e-6)
+    expected = _np_monotonic_weights(np.where(mask, p, 0.0))
+    np.testing.assert_allclose(fn(p, mask), expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -642,26 +682,31 @@ class JitVariantsTest(chex.TestCase):
 
 def _hard_inputs(rng):
   logits = _normal(rng, B, 3, 6)
-  mask = jnp.asarray(
+  mask = np.array(
     [[[True, True, False, True, True, False]], [[True] * 3 + [False] * 3]]
   )
   # The largest logit of each row sits on a masked key.
-  logits = logits.at[0, :, 2].set(10.0).at[1, :, 4].set(10.0)
+  logits[0, :, 2] = 10.0
+  logits[1, :, 4] = 10.0
   return logits, mask
+
+
+def _one_hot_argmax(logits, mask):
+  allowed = np.broadcast_to(mask, logits.shape)
+  idx = np.argmax(np.where(allowed, logits, -np.inf), -1)
+  return np.eye(logits.shape[-1])[idx]
+
+
+_hard_weights = _jit(attention.hard_weights, static_argnames='temperature')
 
 
 def test_hard_weights_argmax_without_rng():
   logits, mask = _hard_inputs(np.random.default_rng(21))
-  weights = np.asarray(attention.hard_weights(logits, mask))
-  allowed = np.broadcast_to(mask, logits.shape)
-  expected_idx = np.argmax(np.where(allowed, logits, -np.inf), -1)
-  expected = np.eye(logits.shape[-1])[expected_idx]
-  np.testing.assert_array_equal(weights, expected)
-  assert np.all(weights[~allowed] == 0)
+  weights = np.asarray(_hard_weights(logits, mask))
+  np.testing.assert_array_equal(weights, _one_hot_argmax(logits, mask))
+  assert np.all(weights[~np.broadcast_to(mask, logits.shape)] == 0)
   # Fully masked rows give zeros.
-  empty = np.asarray(
-    attention.hard_weights(logits, jnp.zeros((B, 1, 6), bool))
-  )
+  empty = _hard_weights(logits, np.zeros((B, 1, 6), bool))
   np.testing.assert_array_equal(empty, 0.0)
 
 
@@ -669,25 +714,27 @@ def test_hard_attention_context_picks_one_value():
   rng = np.random.default_rng(22)
   q, k, v = _qkv(rng)
   mask = _padding_mask([TK, 4])
-  context, weights = attention.hard_attention(q, k, v, scores.dot, mask)
-  logits = np.where(np.broadcast_to(mask, (B, TQ, TK)),
-                    _np_scores('dot', q, k, {}), -np.inf)
-  idx = np.argmax(logits, -1)
-  expected = np.take_along_axis(np.asarray(v), idx[..., None], axis=1)
-  np.testing.assert_allclose(context, expected, atol=1e-6)
-  np.testing.assert_array_equal(weights.sum(-1), 1.0)
+  run = _jit(lambda *a: attention.hard_attention(*a[:3], scores.dot, a[3]))
+  context, weights = run(q, k, v, mask)
+  one_hot = _one_hot_argmax(_np_scores('dot', q, k, {}), mask)
+  np.testing.assert_array_equal(weights, one_hot)
+  np.testing.assert_allclose(context, one_hot @ _f64(v), atol=1e-6)
 
 
 def test_hard_weights_sampling():
   logits, mask = _hard_inputs(np.random.default_rng(23))
-  logits = logits.at[:, :, :].multiply(0.5).at[0, :, 2].set(10.0)
-  num = 2000
-  rngs = jax.random.split(jax.random.key(0), num)
-  samples = jax.jit(
-    jax.vmap(
-      lambda r: attention.hard_weights(logits, mask, rng=r, temperature=0.7)
+  logits *= 0.5
+  logits[0, :, 2] = 10.0
+  # 2000 draws at once: one key, the logits broadcast along a sample axis.
+  # (An 'rbg' key because threefry takes seconds to compile on CPU.)
+  samples = _jit(
+    lambda logits, rng: attention.hard_weights(
+      jnp.broadcast_to(logits, (2000, *logits.shape)),
+      mask,
+      rng=rng,
+      temperature=0.7,
     )
-  )(rngs)
+  )(logits, jax.random.key(0, impl='rbg'))
   samples = np.asarray(samples)
   allowed = np.broadcast_to(mask, logits.shape)
   # Forward values are one-hot on an allowed key.
@@ -696,42 +743,42 @@ def test_hard_weights_sampling():
   assert np.all(np.isclose(samples, 0, atol=1e-6) | np.isclose(samples, 1))
   assert np.all(samples[:, ~allowed] == 0)
   # Choice frequencies follow softmax(logits) over the allowed keys.
-  chosen = samples > 0.5
-  frequencies = chosen.mean(0)
-  expected = _np_masked_softmax(logits, mask)
-  np.testing.assert_allclose(frequencies, expected, atol=0.03)
+  frequencies = (samples > 0.5).mean(0)
+  np.testing.assert_allclose(frequencies, _np_softmax(logits, mask), atol=0.03)
 
 
 def test_hard_weights_straight_through_gradient():
   logits, mask = _hard_inputs(np.random.default_rng(24))
-  rng = jax.random.key(3)
+  rng = jax.random.key(3, impl='rbg')  # see test_hard_weights_sampling
   temperature = 0.5
   cotangent = _normal(np.random.default_rng(25), *logits.shape)
-  gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
 
-  def hard_loss(logits):
-    w = attention.hard_weights(logits, mask, rng=rng, temperature=temperature)
-    return jnp.sum(w * cotangent)
+  @_jit
+  def run(logits):
+    def hard_loss(logits):
+      w = attention.hard_weights(logits, mask, rng=rng, temperature=temperature)
+      return jnp.sum(w * cotangent), w
 
-  def soft_loss(logits):
-    w = masks.masked_softmax((logits + gumbel) / temperature, mask)
-    return jnp.sum(w * cotangent)
+    gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
 
-  got = jax.jit(jax.grad(hard_loss))(logits)
-  want = jax.jit(jax.grad(soft_loss))(logits)
+    def soft_loss(logits):
+      w = masks.masked_softmax((logits + gumbel) / temperature, mask)
+      return jnp.sum(w * cotangent)
+
+    got, w = jax.grad(hard_loss, has_aux=True)(logits)
+    return got, jax.grad(soft_loss)(logits), w, gumbel
+
+  got, want, w, gumbel = run(logits)
   assert np.any(np.asarray(got) != 0)
   np.testing.assert_allclose(got, want, atol=1e-6)
-  # And the forward value is the one-hot of the Gumbel argmax.
-  w = attention.hard_weights(logits, mask, rng=rng, temperature=temperature)
-  idx = np.argmax(
-    np.where(np.broadcast_to(mask, logits.shape), logits + gumbel, -np.inf), -1
-  )
-  np.testing.assert_allclose(w, np.eye(logits.shape[-1])[idx], atol=1e-6)
+  # The forward value is the one-hot of the Gumbel argmax.
+  expected = _one_hot_argmax(logits + np.asarray(gumbel), mask)
+  np.testing.assert_allclose(w, expected, atol=1e-6)
 
 
 def test_hard_weights_rejects_bad_temperature():
   with pytest.raises(ValueError, match='temperature'):
-    attention.hard_weights(jnp.zeros((2, 3)), temperature=0.0)
+    attention.hard_weights(np.zeros((2, 3), np.float32), temperature=0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -740,10 +787,11 @@ def test_hard_weights_rejects_bad_temperature():
 
 @pytest.mark.parametrize('width', [0, 1, 3])
 def test_local_window_mask(width):
-  centers = jnp.asarray([[0.0, 2.0, 4.5, 9.0], [3.0, 3.3, 7.7, 8.0]])
-  got = attention.local_window_mask(centers, 10, width)
-  s = np.arange(10)
-  expected = np.abs(s - np.asarray(centers)[..., None]) <= width
+  centers = np.array([[0.0, 2.0, 4.5, 9.0], [3.0, 3.3, 7.7, 8.0]], np.float32)
+  got = _jit(attention.local_window_mask, static_argnums=(1, 2))(
+    centers, 10, width
+  )
+  expected = np.abs(np.arange(10) - centers[..., None]) <= width
   assert got.dtype == jnp.bool_
   np.testing.assert_array_equal(got, expected)
 
@@ -753,40 +801,48 @@ def test_local_m_weights(with_mask):
   rng = np.random.default_rng(26)
   q, k, v = _qkv(rng, tq=6, tk=10)
   width = 2
-  centers = jnp.arange(6, dtype=jnp.float32)
+  centers = np.arange(6, dtype=np.float32)
   mask = _padding_mask([10, 7], tk=10) if with_mask else None
-  context, weights = attention.local_attention(
-    q, k, v, scores.dot, centers, width=width, mask=mask
+  run = _jit(
+    lambda q, k, v, c, m: attention.local_attention(
+      q, k, v, scores.dot, c, width=width, mask=m
+    )
   )
+  context, weights = run(q, k, v, centers, mask)
   w = np.asarray(weights)
   window = np.abs(np.arange(10) - np.arange(6)[:, None]) <= width
-  allowed = window if mask is None else window & np.asarray(mask)
-  assert np.all(w[~np.broadcast_to(allowed, w.shape)] == 0)
+  allowed = np.broadcast_to(window if mask is None else window & mask, w.shape)
+  assert np.all(w[~allowed] == 0)
   np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
-  expected = _np_masked_softmax(_np_scores('dot', q, k, {}), allowed)
+  expected = _np_softmax(_np_scores('dot', q, k, {}), allowed)
   np.testing.assert_allclose(w, expected, atol=1e-5)
-  np.testing.assert_allclose(context, expected @ np.asarray(v), atol=1e-5)
+  np.testing.assert_allclose(context, expected @ _f64(v), atol=1e-5)
 
 
 def test_local_p_weights():
   rng = np.random.default_rng(27)
   q, k, v = _qkv(rng, tq=6, tk=12)
   width = 3
-  lengths = jnp.asarray([12, 8])
+  lengths = np.array([12, 8])
   w_p, v_p = _normal(rng, QD, 7), _normal(rng, 7)
-  centers = attention.predict_positions(q, w_p, v_p, lengths)
+
+  @_jit
+  def run(q, k, v, lengths):
+    centers = attention.predict_positions(q, w_p, v_p, lengths)
+    mask = masks.length_mask(lengths, 12)[:, None, :]
+    return centers, attention.local_attention(
+      q, k, v, scores.dot, centers, width=width, mask=mask, gaussian=True
+    )
+
+  centers, (context, weights) = run(q, k, v, lengths)
   assert centers.shape == (B, 6)
-  mask = masks.length_mask(lengths, 12)[:, None, :]
-  context, weights = attention.local_attention(
-    q, k, v, scores.dot, centers, width=width, mask=mask, gaussian=True
-  )
-  c = np.asarray(centers, np.float64)[..., None]
+  c = _f64(centers)[..., None]
   s = np.arange(12)
-  window = (np.abs(s - c) <= width) & np.asarray(mask)
+  window = (np.abs(s - c) <= width) & _padding_mask(lengths, 12)
   gauss = np.exp(-((s - c) ** 2) / (2 * (width / 2) ** 2))
-  expected = _np_masked_softmax(_np_scores('dot', q, k, {}), window) * gauss
+  expected = _np_softmax(_np_scores('dot', q, k, {}), window) * gauss
   np.testing.assert_allclose(weights, expected, atol=1e-5)
-  np.testing.assert_allclose(context, expected @ np.asarray(v), atol=1e-5)
+  np.testing.assert_allclose(context, expected @ _f64(v), atol=1e-5)
   assert np.all(np.asarray(weights).sum(-1) <= 1 + 1e-6)
 
 
@@ -794,11 +850,11 @@ def test_predict_positions_in_range():
   rng = np.random.default_rng(28)
   h = _normal(rng, 3, 50, QD, scale=5.0)
   w_p, v_p = _normal(rng, QD, 6, scale=3.0), _normal(rng, 6, scale=10.0)
-  lengths = jnp.asarray([1, 7, 30])
-  p = np.asarray(attention.predict_positions(h, w_p, v_p, lengths))
+  lengths = np.array([1, 7, 30])
+  p = np.asarray(_jit(attention.predict_positions)(h, w_p, v_p, lengths))
   assert p.dtype == np.float32
   assert np.all(p >= 0)
-  assert np.all(p <= (np.asarray(lengths) - 1)[:, None])
+  assert np.all(p <= (lengths - 1)[:, None])
   np.testing.assert_array_equal(p[0], 0.0)
   # Saturation reaches both ends of the source.
   assert p[2].min() < 1.0 and p[2].max() > 28.0
@@ -806,7 +862,7 @@ def test_predict_positions_in_range():
 
 def test_local_attention_rejects_bad_width():
   q, k, v = _qkv(np.random.default_rng(29))
-  centers = jnp.zeros((TQ,))
+  centers = np.zeros((TQ,), np.float32)
   with pytest.raises(ValueError, match='D >= 1'):
     attention.local_attention(
       q, k, v, scores.dot, centers, width=0, gaussian=True
@@ -823,27 +879,27 @@ def test_local_attention_rejects_bad_width():
 
 def _np_raffel(p, prev):
   """alpha_j = p_j sum_{k<=j} prev_k prod_{l=k}^{j-1} (1 - p_l), with loops."""
-  p, prev = np.asarray(p, np.float64), np.asarray(prev, np.float64)
-  prev = np.broadcast_to(prev, p.shape)
+  p, prev = _f64(p), np.broadcast_to(_f64(prev), np.shape(p))
   out = np.zeros(p.shape)
   for idx in np.ndindex(p.shape[:-1]):
     for j in range(p.shape[-1]):
       total = 0.0
       for k in range(j + 1):
         prod = 1.0
-        for l in range(k, j):  # noqa: E741
-          prod *= 1.0 - p[idx][l]
+        for m in range(k, j):
+          prod *= 1.0 - p[idx][m]
         total += prev[idx][k] * prod
       out[idx][j] = p[idx][j] * total
   return out
 
 
-def _np_monotonic_weights(p):
-  """Expected alignments for each query row, from one-hot at key 0."""
-  p = np.asarray(p, np.float64)
-  prev = np.zeros(p.shape[:-2] + p.shape[-1:])
-  prev[..., 0] = 1
-  rows = []
+def _np_monotonic_weights(p, init=None):
+  """Expected alignments row by row, from a one-hot at key 0 by default."""
+  p = _f64(p)
+  if init is None:
+    init = np.zeros(p.shape[:-2] + p.shape[-1:])
+    init[..., 0] = 1
+  prev, rows = _f64(init), []
   for t in range(p.shape[-2]):
     prev = _np_raffel(p[..., t, :], prev)
     rows.append(prev)
@@ -851,58 +907,60 @@ def _np_monotonic_weights(p):
 
 
 def _random_alignment(rng, *shape):
+  """Nonnegative rows with total mass in [0.5, 1]."""
   x = rng.uniform(size=shape)
-  return x / x.sum(-1, keepdims=True) * rng.uniform(0.5, 1.0, shape[:-1])[
-    ..., None
-  ]
+  mass = rng.uniform(0.5, 1.0, size=shape[:-1] + (1,))
+  return (x / x.sum(-1, keepdims=True) * mass).astype(np.float32)
 
 
 @pytest.mark.parametrize('mode', ['recursive', 'parallel'])
 def test_monotonic_alignment_matches_raffel(mode):
   rng = np.random.default_rng(30)
-  p = rng.uniform(size=(3, 2, 9))
+  p = rng.uniform(size=(3, 2, 9)).astype(np.float32)
+  # Exact 0s and 1s.
   p[0, 0, 3] = 1.0
   p[0, 1, 0] = 0.0
   p[1, 0, 5:] = 0.0
   p[2, 1, :] = 1.0
+  p[2, 0, :4] = 0.0
   prev = _random_alignment(rng, 3, 2, 9)
-  got = _monotonic_alignment(
-    jnp.asarray(p, jnp.float32), jnp.asarray(prev, jnp.float32), mode=mode
-  )
+  got = _monotonic_alignment(p, prev, mode=mode)
   assert got.dtype == jnp.float32
-  expected = _np_raffel(p, prev)
-  np.testing.assert_allclose(got, expected, atol=1e-6)
+  np.testing.assert_allclose(got, _np_raffel(p, prev), atol=1e-6)
   assert np.all(np.asarray(got).sum(-1) <= 1 + 1e-6)
   assert np.all(np.asarray(got) >= 0)
 
 
 def test_monotonic_alignment_modes_agree():
   rng = np.random.default_rng(31)
-  p = jnp.asarray(rng.uniform(size=(4, 17)), jnp.float32)
-  prev = jnp.asarray(_random_alignment(rng, 4, 17), jnp.float32)
+  p = rng.uniform(size=(4, 17)).astype(np.float32)
+  prev = _random_alignment(rng, 4, 17)
   np.testing.assert_allclose(
     _monotonic_alignment(p, prev, mode='recursive'),
     _monotonic_alignment(p, prev, mode='parallel'),
     atol=1e-6,
   )
   # From the initial one-hot, the mass sums to at most 1.
-  init = attention.initial_alignment((4, 17))
-  alpha = _monotonic_alignment(p, init)
-  assert np.all(np.asarray(alpha).sum(-1) <= 1 + 1e-6)
+  init = np.asarray(attention.initial_alignment((4, 17)))
+  np.testing.assert_array_equal(init, np.eye(17)[[0] * 4])
+  alpha = np.asarray(_monotonic_alignment(p, init))
+  assert np.all(alpha.sum(-1) <= 1 + 1e-6)
+  np.testing.assert_allclose(alpha, _np_raffel(p, init), atol=1e-6)
 
 
 def test_monotonic_alignment_rejects_unknown_mode():
   with pytest.raises(ValueError, match='parallel'):
-    attention.monotonic_alignment(jnp.ones((3,)), jnp.ones((3,)), mode='x')
+    attention.monotonic_alignment(np.ones(3), np.ones(3), mode='x')
 
 
 def _np_recurrence(p, prev):
-  """Raffel's alignment in float64 via q_j = (1 - p_{j-1}) q_{j-1} + prev_j."""
-  p, prev = np.asarray(p, np.float64), np.asarray(prev, np.float64)
+  """Float64 q_j = (1 - p_{j-1}) q_{j-1} + prev_j, alpha_j = p_j q_j."""
+  p, prev = _f64(p), _f64(prev)
   out = np.zeros(p.shape)
-  q = np.zeros(p.shape[:-1])
+  q = prev[..., 0]
   for j in range(p.shape[-1]):
-    q = q * (1.0 - p[..., j - 1]) + prev[..., j] if j else prev[..., 0]
+    if j:
+      q = q * (1.0 - p[..., j - 1]) + prev[..., j]
     out[..., j] = p[..., j] * q
   return out
 
@@ -910,84 +968,77 @@ def _np_recurrence(p, prev):
 def test_monotonic_alignment_long_inputs_are_stable():
   rng = np.random.default_rng(32)
   k_len = 2000
-  p = jnp.asarray(rng.uniform(0.5, 0.999, size=(2, k_len)), jnp.float32)
-  prev = np.zeros((2, k_len))
+  p = rng.uniform(0.5, 0.999, size=(2, k_len)).astype(np.float32)
+  prev = np.zeros((2, k_len), np.float32)
   prev[:, -20:] = rng.uniform(size=(2, 20))
   prev /= prev.sum(-1, keepdims=True)
-  prev = jnp.asarray(prev, jnp.float32)
-  recursive = _monotonic_alignment(p, prev, mode='recursive')
-  parallel = _monotonic_alignment(p, prev, mode='parallel')
+  recursive = np.asarray(_monotonic_alignment(p, prev, mode='recursive'))
+  parallel = np.asarray(_monotonic_alignment(p, prev, mode='parallel'))
   for alpha in (recursive, parallel):
     assert np.all(np.isfinite(alpha))
-    assert np.all(np.asarray(alpha).sum(-1) <= 1 + 1e-5)
-    assert np.all(np.asarray(alpha) >= 0)
+    assert np.all(alpha.sum(-1) <= 1 + 1e-5)
+    assert np.all(alpha >= 0)
   np.testing.assert_allclose(recursive, parallel, atol=1e-6)
   np.testing.assert_allclose(parallel, _np_recurrence(p, prev), atol=1e-6)
   # The mass stays near the end, where it started.
-  assert np.asarray(parallel)[:, -20:].sum() > 1.0
+  assert parallel[:, -20:].sum() > 1.0
 
 
-@pytest.mark.parametrize('k_len', [9, 2000])
-def test_monotonic_alignment_gradients(k_len):
+def test_monotonic_alignment_gradients():
   rng = np.random.default_rng(33)
-  p = rng.uniform(0.5, 0.999, size=(2, k_len))
+  k_len = 2000
+  p = rng.uniform(0.5, 0.999, size=(2, k_len)).astype(np.float32)
   p[0, 1] = 1.0
   p[1, 2] = 0.0
-  p = jnp.asarray(p, jnp.float32)
-  prev = jnp.asarray(_random_alignment(rng, 2, k_len), jnp.float32)
+  prev = _random_alignment(rng, 2, k_len)
   cotangent = _normal(rng, 2, k_len)
 
-  def loss(p, prev, mode):
-    alpha = _monotonic_alignment(p, prev, mode=mode)
-    return jnp.sum(alpha * cotangent)
+  @_jit
+  def grads(p, prev):
+    def loss(p, prev, mode):
+      alpha = attention.monotonic_alignment(p, prev, mode=mode)
+      return jnp.sum(alpha * cotangent)
 
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnames='mode')
-  recursive = grad(p, prev, 'recursive')
-  parallel = grad(p, prev, 'parallel')
+    grad = jax.grad(loss, argnums=(0, 1))
+    return grad(p, prev, 'recursive'), grad(p, prev, 'parallel')
+
+  recursive, parallel = grads(p, prev)
   for got, want in zip(recursive, parallel, strict=True):
     assert np.all(np.isfinite(got)) and np.all(np.isfinite(want))
+    assert np.any(np.asarray(got) != 0)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def _python_hard_monotonic(p, mask):
-  """First key at or after the previous one with p >= 0.5, as a loop."""
+def _python_hard_monotonic(p, valid):
+  """First valid key at or after the previous one with p >= 0.5, as a loop."""
   q_len, k_len = p.shape
   out = np.zeros((q_len, k_len))
   position = 0
   for t in range(q_len):
     if position is None:
-      continue
-    chosen = None
-    for j in range(position, k_len):
-      if p[t, j] >= 0.5 and mask[j]:
-        chosen = j
-        break
-    position = chosen
-    if chosen is not None:
-      out[t, chosen] = 1.0
+      break
+    position = next(
+      (j for j in range(position, k_len) if p[t, j] >= 0.5 and valid[j]), None
+    )
+    if position is not None:
+      out[t, position] = 1.0
   return out
 
 
 def test_monotonic_weights_hard():
   rng = np.random.default_rng(34)
   p = (rng.uniform(size=(3, 7, 10)) < 0.3).astype(np.float32)
-  # Batch 1 runs out of keys half way; batch 2 has a masked key with p = 1.
-  p[1, 4:, :] = 0.0
-  p[1, 3, :] = 0.0
-  p[2, :, 4] = 1.0
-  lengths = np.array([10, 10, 8])
-  mask = np.arange(10) < lengths[:, None]
-  mask[2, 4] = False
-  p[2, :, 8:] = 1.0  # p is 1 on padding, which must still be skipped
-  weights = np.asarray(
-    _monotonic_weights(
-      jnp.asarray(p), jnp.asarray(mask)[:, None, :], hard=True
-    )
-  )
+  p[1, 3:, :] = 0.0  # batch 1 runs out of keys at step 3
+  p[2, :, 4] = 1.0  # a masked key with p = 1
+  p[2, :, 8:] = 1.0  # and padding with p = 1
+  valid = _valid([10, 10, 8], 10)
+  valid[2, 4] = False
+  weights = np.asarray(_monotonic_weights(p, valid[:, None, :], hard=True))
   for b in range(3):
-    np.testing.assert_array_equal(weights[b], _python_hard_monotonic(p[b], mask[b]))
+    expected = _python_hard_monotonic(p[b], valid[b])
+    np.testing.assert_array_equal(weights[b], expected)
   np.testing.assert_array_equal(weights[1, 3:], 0.0)
-  assert np.all(weights[2][:, ~mask[2]] == 0)
+  assert np.all(weights[2][:, ~valid[2]] == 0)
   assert set(np.unique(weights)) <= {0.0, 1.0}
   # Chosen positions never move backwards.
   for b in range(3):
@@ -997,57 +1048,54 @@ def test_monotonic_weights_hard():
 
 def test_monotonic_weights_soft_approaches_hard():
   rng = np.random.default_rng(35)
-  energies = rng.uniform(0.2, 1.0, size=(2, 6, 9)) * rng.choice(
-    [-1.0, 1.0], size=(2, 6, 9), p=[0.7, 0.3]
-  )
-  p = jax.nn.sigmoid(jnp.asarray(energies * 50, jnp.float32))
+  shape = (2, 6, 9)
+  energies = rng.uniform(0.2, 1.0, size=shape)
+  energies *= rng.choice([-1.0, 1.0], size=shape, p=[0.7, 0.3])
+  p = (1 / (1 + np.exp(-energies * 50))).astype(np.float32)
   mask = _padding_mask([9, 7], tk=9)
-  soft = _monotonic_weights(p, mask)
-  hard = _monotonic_weights(p, mask, hard=True)
-  assert np.asarray(hard).sum() > 0
+  soft = np.asarray(_monotonic_weights(p, mask))
+  hard = np.asarray(_monotonic_weights(p, mask, hard=True))
+  assert hard.sum() > 0
   np.testing.assert_allclose(soft, hard, atol=1e-2)
-  assert np.all(np.asarray(soft)[1, :, 7:] == 0)
+  assert np.all(soft[1, :, 7:] == 0)
 
 
 def test_monotonic_weights_soft_matches_numpy_and_masks():
   rng = np.random.default_rng(36)
-  p = jnp.asarray(rng.uniform(size=(B, 4, 8)), jnp.float32)
-  mask = _padding_mask([8, 5], tk=8)
-  init = jnp.asarray(_random_alignment(rng, B, 8), jnp.float32)
-  init = init * np.asarray(mask[:, 0])
-  got = _monotonic_weights(p, mask, init=init)
-  masked_p = np.where(np.broadcast_to(mask, p.shape), p, 0.0)
-  prev, rows = np.asarray(init, np.float64), []
-  for t in range(4):
-    prev = _np_raffel(masked_p[:, t], prev)
-    rows.append(prev)
-  np.testing.assert_allclose(got, np.stack(rows, 1), atol=1e-6)
-  assert np.all(np.asarray(got)[1, :, 5:] == 0)
-  np.testing.assert_allclose(
-    got, _monotonic_weights(p, mask, init=init, mode='recursive'),
-    atol=1e-6,
-  )
+  p = rng.uniform(size=(B, 4, 8)).astype(np.float32)
+  valid = _valid([8, 5], 8)
+  init = _random_alignment(rng, B, 8) * valid
+  got = np.asarray(_monotonic_weights(p, valid[:, None], init=init))
+  expected = _np_monotonic_weights(np.where(valid[:, None], p, 0.0), init)
+  np.testing.assert_allclose(got, expected, atol=1e-6)
+  assert np.all(got[1, :, 5:] == 0)
+  recursive = _monotonic_weights(p, valid[:, None], init=init, mode='recursive')
+  np.testing.assert_allclose(got, recursive, atol=1e-6)
 
 
 def test_choose_probabilities_noise_only_with_rng():
   energy = _normal(np.random.default_rng(37), 3, 8)
-  clean = jax.nn.sigmoid(energy)
-  np.testing.assert_allclose(
-    attention.choose_probabilities(energy, noise_std=2.0), clean, atol=0
+  key = jax.random.key(0)
+
+  @_jit
+  def run(energy, key):
+    return (
+      attention.choose_probabilities(energy, noise_std=2.0),
+      attention.choose_probabilities(energy, rng=key),
+      attention.choose_probabilities(energy, noise_std=2.0, rng=key),
+      jax.nn.sigmoid(energy + 2.0 * jax.random.normal(key, energy.shape)),
+    )
+
+  no_rng, no_noise, noisy, expected_noisy = (
+    np.asarray(x) for x in run(energy, key)
   )
-  np.testing.assert_allclose(
-    attention.choose_probabilities(energy, rng=jax.random.key(0)), clean,
-    atol=0,
-  )
-  noisy = attention.choose_probabilities(
-    energy, noise_std=2.0, rng=jax.random.key(0)
-  )
-  assert np.all(np.abs(np.asarray(noisy) - np.asarray(clean)) > 0)
-  assert np.all((np.asarray(noisy) >= 0) & (np.asarray(noisy) <= 1))
-  noise = jax.random.normal(jax.random.key(0), energy.shape)
-  np.testing.assert_allclose(
-    noisy, jax.nn.sigmoid(energy + 2.0 * noise), atol=1e-6
-  )
+  clean = 1 / (1 + np.exp(-_f64(energy)))
+  np.testing.assert_allclose(no_rng, clean, atol=1e-6)
+  np.testing.assert_allclose(no_noise, clean, atol=1e-6)
+  np.testing.assert_array_equal(no_rng, no_noise)
+  assert np.all(np.abs(noisy - no_rng) > 0)
+  assert np.all((noisy >= 0) & (noisy <= 1))
+  np.testing.assert_allclose(noisy, expected_noisy, atol=1e-6)
 
 
 @pytest.mark.parametrize('hard', [False, True])
@@ -1056,17 +1104,19 @@ def test_monotonic_attention_context(hard):
   q, k, v = _qkv(rng)
   params, bind = _score_setup('normed_additive', rng)
   mask = _padding_mask([TK, 6])
-  context, weights = attention.monotonic_attention(
-    q, k, v, bind(params), mask, hard=hard
-  )
+
+  @_jit
+  def run(q, k, v, params, mask):
+    context, weights = attention.monotonic_attention(
+      q, k, v, bind(params), mask, hard=hard
+    )
+    p_choose = jax.nn.sigmoid(bind(params)(q, k))
+    expected = attention.monotonic_weights(p_choose, mask, hard=hard)
+    return context, weights, expected
+
+  context, weights, expected = run(q, k, v, params, mask)
   assert context.shape == (B, TQ, VD) and weights.shape == (B, TQ, TK)
-  np.testing.assert_allclose(
-    context, np.asarray(weights) @ np.asarray(v), atol=1e-5
-  )
-  energy = bind(params)(q, k)
-  expected = _monotonic_weights(
-    jax.nn.sigmoid(energy), mask, hard=hard
-  )
+  np.testing.assert_allclose(context, _f64(weights) @ _f64(v), atol=1e-5)
   np.testing.assert_allclose(weights, expected, atol=1e-6)
   assert np.all(np.asarray(weights)[1, :, 6:] == 0)
 
@@ -1081,27 +1131,30 @@ def test_location_aware_attention_without_prev_is_attention():
   mask = _padding_mask([TK, 6])
   params, bind = _score_setup('additive', rng)
 
-  def score_fn(q, k, prev):
-    del prev
-    return bind(params)(q, k)
+  @_jit
+  def run(q, k, v, params, mask):
+    def score_fn(q, k, prev):
+      del prev
+      return bind(params)(q, k)
 
-  context, weights = attention.location_aware_attention(
-    q, k, v, score_fn, mask
-  )
-  expected_c, expected_w = attention.attention(q, k, v, bind(params), mask)
+    return (
+      attention.location_aware_attention(q, k, v, score_fn, mask),
+      attention.attention(q, k, v, bind(params), mask),
+    )
+
+  (context, weights), (expected_c, expected_w) = run(q, k, v, params, mask)
   np.testing.assert_allclose(weights, expected_w, atol=1e-6)
   np.testing.assert_allclose(context, expected_c, atol=1e-6)
 
 
 def _np_location_aware(q_t, k, prev, p):
-  """Chorowski's score of one query row q_t [Dq] against keys [Tk, Dk]."""
-  p = {key: np.asarray(val, np.float64) for key, val in p.items()}
+  """Chorowski's score of one query q_t `[Dq]` against keys `[Tk, Dk]`."""
+  p = {key: _f64(val) for key, val in p.items()}
   kernel = p['conv'].shape[0]
-  half = kernel // 2
-  padded = np.pad(prev, (half, half))
+  padded = np.pad(prev, kernel // 2)
   features = np.stack(
     [padded[j : j + kernel] @ p['conv'] for j in range(len(prev))]
-  )  # [Tk, C]
+  )  # [Tk, channels]
   hidden = q_t @ p['w_q'] + k @ p['w_k'] + features @ p['w_f'] + p['b']
   return np.tanh(hidden) @ p['v']
 
@@ -1111,7 +1164,7 @@ def test_location_aware_attention_matches_loop(with_init):
   rng = np.random.default_rng(40)
   q, k, v = _qkv(rng, tq=4, tk=9)
   n = functools.partial(_normal, rng)
-  p = {
+  params = {
     'w_q': n(QD, HIDDEN),
     'w_k': n(KD, HIDDEN),
     'conv': n(5, 2, scale=3.0),
@@ -1119,38 +1172,33 @@ def test_location_aware_attention_matches_loop(with_init):
     'v': n(HIDDEN),
     'b': n(HIDDEN),
   }
+  valid = _valid([9, 6], 9)
+  init = _random_alignment(rng, B, 9) * valid if with_init else None
 
-  def score_fn(q, k, prev):
-    return scores.location_aware(
-      q, k, prev, p['w_q'], p['w_k'], p['conv'], p['w_f'], p['v'], p['b']
-    )
+  @_jit
+  def run(q, k, v, p, mask, init):
+    def score_fn(q, k, prev):
+      return scores.location_aware(
+        q, k, prev, p['w_q'], p['w_k'], p['conv'], p['w_f'], p['v'], p['b']
+      )
 
-  lengths = [9, 6]
-  mask = _padding_mask(lengths, tk=9)
-  valid = np.asarray(mask[:, 0])
-  init = None
-  if with_init:
-    init = jnp.asarray(_random_alignment(rng, B, 9) * valid, jnp.float32)
-  context, weights = attention.location_aware_attention(
-    q, k, v, score_fn, mask, init=init
+    return attention.location_aware_attention(
+      q, k, v, score_fn, mask, init=init
+    ), attention.uniform_alignment(mask[:, 0])
+
+  (context, weights), uniform = jax.device_get(
+    run(q, k, v, params, valid[:, None], init)
   )
   assert weights.shape == (B, 4, 9)
+  # Default init: the uniform alignment over the valid keys.
+  np.testing.assert_allclose(
+    uniform, valid / valid.sum(-1, keepdims=True), atol=1e-7
+  )
   for b in range(B):
-    if init is None:
-      prev = valid[b] / valid[b].sum()
-    else:
-      prev = np.asarray(init[b], np.float64)
+    prev = valid[b] / valid[b].sum() if init is None else _f64(init[b])
     for t in range(4):
-      logits = _np_location_aware(
-        np.asarray(q[b, t], np.float64), np.asarray(k[b], np.float64), prev, p
-      )
-      prev = _np_masked_softmax(logits, valid[b])
+      logits = _np_location_aware(_f64(q[b, t]), _f64(k[b]), prev, params)
+      prev = _np_softmax(logits, valid[b])
       np.testing.assert_allclose(weights[b, t], prev, atol=1e-5)
   assert np.all(np.asarray(weights)[1, :, 6:] == 0)
-  np.testing.assert_allclose(
-    context, np.asarray(weights) @ np.asarray(v), atol=1e-5
-  )
-  # Default init is the uniform alignment over the valid keys.
-  np.testing.assert_allclose(
-    attention.uniform_alignment(mask[:, 0]), valid / valid.sum(-1, keepdims=True)
-  )
+  np.testing.assert_allclose(context, _f64(weights) @ _f64(v), atol=1e-5)

@@ -1,0 +1,5 @@
+import sys
+
+from attnjax.cli import main
+
+sys.exit(main())

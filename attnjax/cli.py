@@ -1,0 +1,85 @@
+"""`attnjax` command line: reuse a trained workdir.
+
+  attnjax decode --workdir DIR --input "123+456" [--input ...]
+  attnjax evaluate --workdir DIR [--split test] [--num_examples N]
+
+Both read the config saved in DIR and its latest checkpoint, on whatever
+devices are present (also `python -m attnjax ...`).
+"""
+
+import argparse
+import json
+import logging
+import sys
+
+SPLITS = ('test',)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog='attnjax',
+    description=__doc__,
+    formatter_class=argparse.RawTextHelpFormatter,
+  )
+  commands = parser.add_subparsers(dest='command', required=True)
+
+  decode = commands.add_parser('decode', help="print the model's output")
+  decode.add_argument('--workdir', required=True, help='a trained workdir')
+  decode.add_argument(
+    '--input',
+    action='append',
+    required=True,
+    help='a source string; repeat for several',
+  )
+
+  evaluate = commands.add_parser('evaluate', help='print held-out metrics')
+  evaluate.add_argument('--workdir', required=True, help='a trained workdir')
+  evaluate.add_argument(
+    '--split',
+    default='test',
+    choices=SPLITS,
+    help='synthetic tasks have one held-out split, test',
+  )
+  evaluate.add_argument(
+    '--num_examples',
+    type=int,
+    default=None,
+    help="default: the config's data.heldout_size",
+  )
+  evaluate.add_argument(
+    '--show', type=int, default=5, help='example predictions to print'
+  )
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  logging.basicConfig(level=logging.WARNING)
+  # Imported late so that `attnjax --help` is instant.
+  from attnjax import train_lib
+
+  try:
+    exp, params = train_lib.load_trained(args.workdir)
+    if args.command == 'decode':
+      outputs = train_lib.decode(exp, params, args.input)
+      for source, output in zip(args.input, outputs, strict=True):
+        print(f'{source} -> {output}')
+    else:
+      if args.num_examples is not None and args.num_examples < 1:
+        raise ValueError('--num_examples must be >= 1.')
+      result = train_lib.evaluate(
+        exp, params, num_examples=args.num_examples, show=args.show
+      )
+      examples = result.pop('examples', [])
+      print(json.dumps({'split': args.split, **result}, indent=2))
+      for source, target, predicted in examples:
+        mark = 'ok ' if predicted == target else 'BAD'
+        print(f'{mark} {source!r} -> {predicted!r} (target {target!r})')
+  except (ValueError, FileNotFoundError) as e:
+    print(f'attnjax {args.command}: error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,23 @@
+"""The models built on attnjax's layers, one file each."""
+
+from attnjax.models.seq2seq import (
+  CELLS,
+  DECODERS,
+  ChoDecoder,
+  Decoder,
+  Encoder,
+  Seq2Seq,
+  Seq2SeqConfig,
+  SutskeverDecoder,
+)
+
+__all__ = [
+  'CELLS',
+  'DECODERS',
+  'ChoDecoder',
+  'Decoder',
+  'Encoder',
+  'Seq2Seq',
+  'Seq2SeqConfig',
+  'SutskeverDecoder',
+]

@@ -1,0 +1,695 @@
+"""RNN encoder-decoders: Sutskever et al. (2014) and Cho et al. (2014).
+
+One encoder, several decoders behind one interface, chosen by
+`Seq2SeqConfig.decoder`:
+
+- `sutskever`: the encoder's final state initialises the decoder, which then
+  sees only its previous token (Sutskever, Vinyals & Le 2014).
+- `cho`: a context vector c = tanh(V h_N) summarises the source; it is fed to
+  every decoder step (concatenated with the previous token's embedding) and to
+  the maxout output layer, and s_0 = tanh(W c) (Cho et al. 2014).
+
+A decoder is a `Decoder` subclass registered in `DECODERS`; see `Decoder` for
+what a new one (Bahdanau, Luong) implements. The model drives every decoder
+the same way, so greedy and beam search need nothing decoder-specific:
+
+  encoded = model.apply(variables, inputs, method='encode')
+  state = model.apply(variables, encoded, inputs,
+                      method='initial_decoder_state')
+  logits, state = model.apply(variables, tokens, state, method='decode_step')
+
+Decoder states are pytrees whose leaves all have the batch as leading dim, so a
+beam search can reorder or tile them with `jax.tree.map`.
+
+Source lengths default to the number of non-PAD tokens per row (right-padded
+inputs); pass `source_lengths` explicitly for anything else, and pass the same
+lengths to `encode` and `initial_decoder_state`.
+
+Logical axis names of the parameters (for `nn.logical_to_mesh_sharding`):
+
+- `vocab`: the vocabulary dim of the embeddings and of the output projection;
+- `embed`: the input (contracted) side of every kernel: embedding features,
+  RNN inputs, hidden states fed to a cell or a dense layer;
+- `mlp`: the output side of the RNN cells' kernels (one kernel per gate, each
+  `[in, hidden]`), of the bridges and projections that produce hidden-sized
+  vectors, and of their biases.
+
+So embeddings are ('vocab', 'embed'), every cell and dense kernel is
+('embed', 'mlp'), the output projection is ('embed', 'vocab') and biases take
+the kernel's output name. `nn.OptimizedLSTMCell` and `nn.GRUCell` accept the
+`nn.with_logical_partitioning` initialisers, so the cells' parameters carry
+these names too.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnjax import masks
+
+Array = jax.Array
+Dtype = Any
+# One layer's carry: (memory c, hidden h) for the LSTM, h for the GRU.
+Carry = Any
+# A decoder's state: a dict of arrays, each with the batch as leading dim.
+State = dict[str, Any]
+
+CELLS: dict[str, Callable[..., nn.RNNCellBase]] = {
+  'lstm': nn.OptimizedLSTMCell,
+  'gru': nn.GRUCell,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqConfig:
+  """Hyperparameters of an RNN encoder-decoder.
+
+  Attributes:
+    source_vocab_size: source vocabulary size, special ids included.
+    target_vocab_size: target vocabulary size, special ids included.
+    embed_dim: width of the source and target token embeddings.
+    hidden_dim: RNN hidden size of every layer (per direction in the encoder;
+      a bidirectional encoder's outputs are `2 * hidden_dim` wide).
+    num_layers: stacked RNN layers, in the encoder and in the decoder.
+    cell: 'lstm' or 'gru' (see `CELLS`).
+    bidirectional: a bidirectional encoder.
+    decoder: a key of `DECODERS` ('sutskever', 'cho').
+    dropout_rate: dropout on embeddings, between stacked layers and on the
+      encoder outputs and the decoder's output layer inputs, when training.
+    max_target_len: default number of tokens `greedy_decode` produces.
+    dtype: computation dtype (parameters and RNN carries stay float32;
+      logits are returned in float32).
+    unroll: unroll factor of the time scans.
+    pad_id: padding token id.
+    bos_id: beginning-of-sequence id, the decoder's first input.
+    eos_id: end-of-sequence id; greedy decoding pads after it.
+  """
+
+  source_vocab_size: int
+  target_vocab_size: int
+  embed_dim: int = 256
+  hidden_dim: int = 512
+  num_layers: int = 1
+  cell: str = 'lstm'
+  bidirectional: bool = False
+  decoder: str = 'sutskever'
+  dropout_rate: float = 0.0
+  max_target_len: int = 64
+  dtype: Dtype = jnp.float32
+  unroll: int = 1
+  pad_id: int = 0
+  bos_id: int = 1
+  eos_id: int = 2
+
+  def __post_init__(self):
+    for name in (
+      'source_vocab_size',
+      'target_vocab_size',
+      'embed_dim',
+      'hidden_dim',
+      'num_layers',
+      'max_target_len',
+      'unroll',
+    ):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 1:
+        raise ValueError(
+          f'Seq2SeqConfig.{name} must be an integer >= 1; got {value!r}.'
+        )
+    if self.cell not in CELLS:
+      raise ValueError(
+        f'Seq2SeqConfig.cell must be one of {sorted(CELLS)}; got {self.cell!r}.'
+      )
+    if self.decoder not in DECODERS:
+      raise ValueError(
+        f'Seq2SeqConfig.decoder must be one of {sorted(DECODERS)}; got '
+        f'{self.decoder!r}.'
+      )
+    if not isinstance(self.bidirectional, bool):
+      raise ValueError(
+        'Seq2SeqConfig.bidirectional must be True or False; got '
+        f'{self.bidirectional!r}.'
+      )
+    rate = self.dropout_rate
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+      raise ValueError(
+        f'Seq2SeqConfig.dropout_rate must be a number in [0, 1); got {rate!r}.'
+      )
+    if not 0 <= rate < 1:
+      raise ValueError(
+        f'Seq2SeqConfig.dropout_rate must be in [0, 1); got {rate!r}.'
+      )
+    ids = {'pad_id': self.pad_id, 'bos_id': self.bos_id, 'eos_id': self.eos_id}
+    for name, value in ids.items():
+      if not _is_int(value) or value < 0:
+        raise ValueError(
+          f'Seq2SeqConfig.{name} must be an integer >= 0; got {value!r}.'
+        )
+      for vocab in ('source_vocab_size', 'target_vocab_size'):
+        # BOS/EOS never occur in the source, but PAD does; a shared id space
+        # keeps the data layer simple, so all three must fit both.
+        if value >= getattr(self, vocab):
+          raise ValueError(
+            f'Seq2SeqConfig.{name}={value} must be < {vocab}='
+            f'{getattr(self, vocab)}.'
+          )
+    if len(set(ids.values())) != 3:
+      raise ValueError(
+        f'Seq2SeqConfig pad_id, bos_id and eos_id must differ; got {ids}.'
+      )
+
+  @property
+  def encoder_dim(self) -> int:
+    """Width of the encoder outputs."""
+    return self.hidden_dim * (2 if self.bidirectional else 1)
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Parameter factories: one place for the logical axis names.
+
+
+def _kernel_init(axes: tuple[str, ...], init=None):
+  init = init or nn.initializers.lecun_normal()
+  return nn.with_logical_partitioning(init, axes)
+
+
+def _bias_init(axis: str):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis,))
+
+
+def _dense(
+  features: int, config: Seq2SeqConfig, out_axis: str = 'mlp', **kwargs
+) -> nn.Dense:
+  return nn.Dense(
+    features,
+    dtype=config.dtype,
+    kernel_init=_kernel_init(('embed', out_axis)),
+    bias_init=_bias_init(out_axis),
+    **kwargs,
+  )
+
+
+def _embed(vocab_size: int, config: Seq2SeqConfig, **kwargs) -> nn.Embed:
+  init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal', out_axis=0)
+  return nn.Embed(
+    vocab_size,
+    config.embed_dim,
+    dtype=config.dtype,
+    embedding_init=_kernel_init(('vocab', 'embed'), init),
+    **kwargs,
+  )
+
+
+def _cell(config: Seq2SeqConfig, **kwargs) -> nn.RNNCellBase:
+  return CELLS[config.cell](
+    features=config.hidden_dim,
+    dtype=config.dtype,
+    kernel_init=_kernel_init(('embed', 'mlp')),
+    recurrent_kernel_init=_kernel_init(
+      ('embed', 'mlp'), nn.initializers.orthogonal()
+    ),
+    bias_init=_bias_init('mlp'),
+    **kwargs,
+  )
+
+
+# Carries: the LSTM's is a (c, h) pair, the GRU's a single array.
+
+
+def carry_parts(config: Seq2SeqConfig, carry: Carry) -> tuple[Array, ...]:
+  """The arrays of one layer's carry, each `[batch, hidden]`."""
+  return tuple(carry) if config.cell == 'lstm' else (carry,)
+
+
+def carry_from_parts(config: Seq2SeqConfig, parts: tuple[Array, ...]) -> Carry:
+  """Inverse of `carry_parts`; carries are kept in float32 so that a scan's
+  carry has one dtype whatever the computation dtype."""
+  parts = tuple(p.astype(jnp.float32) for p in parts)
+  return parts if config.cell == 'lstm' else parts[0]
+
+
+def carry_hidden(config: Seq2SeqConfig, carry: Carry) -> Array:
+  """The hidden state h (the layer's output) of one layer's carry."""
+  return carry_parts(config, carry)[-1]
+
+
+def source_lengths_from(inputs: Array, pad_id: int) -> Array:
+  """Lengths of right-padded rows: the number of non-PAD tokens, `[batch]`."""
+  return jnp.sum(inputs != pad_id, axis=-1, dtype=jnp.int32)
+
+
+# Encoder.
+
+
+class Encoder(nn.Module):
+  """Embedding + `num_layers` stacked (bi)RNN layers over variable lengths.
+
+  Positions at or after a row's length never affect the outputs at valid
+  positions nor the final state: the RNNs run with `seq_lengths` (the backward
+  direction starts at each row's last valid token), the final carry is the
+  one at the last valid position, and padded outputs are set to zero. A row
+  of length 0 has zero outputs and a zero final state.
+
+  With `bidirectional`, each layer's final state combines the forward and
+  the backward final carries into `hidden_dim`: every carry component (c and
+  h for the LSTM, h for the GRU) becomes tanh(W [forward; backward] + b), with
+  W learned per layer and component (`bridge_{layer}_{component}`).
+  """
+
+  config: Seq2SeqConfig
+
+  @nn.compact
+  def __call__(
+    self, inputs: Array, source_lengths: Array, *, train: bool = False
+  ) -> tuple[Array, tuple[Carry, ...]]:
+    """Encodes the source.
+
+    Args:
+      inputs: int `[batch, source_len]` source tokens.
+      source_lengths: int `[batch]` valid length of each row.
+      train: enables dropout (needs the 'dropout' rng).
+
+    Returns:
+      `(outputs [batch, source_len, encoder_dim], final_state)`, the outputs
+      zero at padded positions, `final_state` a tuple of `num_layers` carries
+      of the decoder's hidden size (bottom layer first).
+    """
+    config = self.config
+    chex.assert_rank(inputs, 2)
+    chex.assert_type(inputs, int)
+    chex.assert_shape(source_lengths, inputs.shape[:1])
+    mask = masks.length_mask(source_lengths, inputs.shape[1])[..., None]
+    dropout = nn.Dropout(config.dropout_rate, deterministic=not train)
+    x = dropout(_embed(config.source_vocab_size, config, name='embed')(inputs))
+    # nn.RNN picks the carry at index length - 1, i.e. the last one for
+    # length 0; an empty source gets the zero initial state instead.
+    nonempty = (source_lengths > 0)[:, None]
+    final_state = []
+    for layer in range(config.num_layers):
+      rnn = functools.partial(nn.RNN, unroll=config.unroll, return_carry=True)
+      if config.bidirectional:
+        # parent=None: a submodule given to another is adopted by it (named
+        # 'forward_rnn'/'backward_rnn', the cells 'cell') instead of being
+        # registered here under an automatic name.
+        carry, x = nn.Bidirectional(
+          rnn(_cell(config, parent=None), parent=None),
+          rnn(_cell(config, parent=None), parent=None),
+          return_carry=True,
+          name=f'layer_{layer}',
+        )(x, seq_lengths=source_lengths)
+        carry = self._bridge(carry, layer)
+      else:
+        carry, x = rnn(_cell(config, parent=None), name=f'layer_{layer}')(
+          x, seq_lengths=source_lengths
+        )
+      final_state.append(
+        jax.tree.map(lambda c: jnp.where(nonempty, c, 0), carry)
+      )
+      x = dropout(jnp.where(mask, x, 0).astype(config.dtype))
+    return x, tuple(final_state)
+
+  def _bridge(self, carry: tuple[Carry, Carry], layer: int) -> Carry:
+    """Forward and backward final carries -> one carry of `hidden_dim`."""
+    config = self.config
+    forward, backward = (carry_parts(config, c) for c in carry)
+    parts = tuple(
+      jnp.tanh(
+        _dense(config.hidden_dim, config, name=f'bridge_{layer}_{i}')(
+          jnp.concatenate([f, b], axis=-1)
+        )
+      )
+      for i, (f, b) in enumerate(zip(forward, backward, strict=True))
+    )
+    return carry_from_parts(config, parts)
+
+
+# Decoders.
+
+
+class Decoder(nn.Module):
+  """Base of the RNN decoders: stacked cells driven one token at a time.
+
+  A decoder turns the encoder's result into a state, then maps (previous
+  token, state) to (logits, new state). A subclass implements three hooks:
+
+  - `initial_state(encoded, source_mask) -> state`: a dict of arrays with the
+    batch as leading dim. Whatever a step needs from the source lives here
+    (an attention decoder stores the encoder outputs and the mask).
+  - `recur(x [batch, embed_dim], state, *, train) -> (features, state)`: one
+    time step, everything sequential (cell updates, attention). `features`
+    are the inputs of the output layer at this step.
+  - `readout(features, *, train) -> logits`: the output layer, position-wise,
+    so that it runs once over `[batch, target_len, ...]` in teacher forcing.
+
+  `step` is readout(recur(embed(token))). `__call__` (teacher forcing) embeds
+  all tokens at once, runs `recur` under `nn.scan` and applies `readout` to
+  all positions, which computes what iterating `step` does.
+
+  The base `setup` creates `embed` (target embeddings), `cells` (one per
+  layer) and `dropout`; subclasses call `super().setup()` and add their own.
+  """
+
+  config: Seq2SeqConfig
+
+  def setup(self):
+    config = self.config
+    self.embed = _embed(config.target_vocab_size, config)
+    self.cells = [_cell(config) for _ in range(config.num_layers)]
+    self.dropout = nn.Dropout(config.dropout_rate)
+
+  def initial_state(
+    self, encoded: tuple[Array, tuple[Carry, ...]], source_mask: Array
+  ) -> State:
+    """The state before the first step.
+
+    Args:
+      encoded: the encoder's `(outputs, final_state)`.
+      source_mask: bool `[batch, source_len]`, True at real tokens.
+    """
+    raise NotImplementedError
+
+  def recur(
+    self, x: Array, state: State, *, train: bool = False
+  ) -> tuple[Array, State]:
+    """One time step from the previous token's embedding `[batch, embed]`.
+
+    Returns:
+      `(features [batch, ...], new state)`, `features` the output layer's
+      inputs; the new state has the structure and dtypes of `state` (it is a
+      scan carry).
+    """
+    raise NotImplementedError
+
+  def readout(self, features: Array, *, train: bool = False) -> Array:
+    """Output layer: `[..., features] -> [..., target_vocab_size]` logits."""
+    raise NotImplementedError
+
+  def embed_tokens(self, tokens: Array, *, train: bool = False) -> Array:
+    """`[...]` token ids -> `[..., embed_dim]` embeddings (with dropout)."""
+    return self.dropout(self.embed(tokens), deterministic=not train)
+
+  def run_cells(
+    self,
+    x: Array,
+    carries: tuple[Carry, ...],
+    *,
+    train: bool = False,
+  ) -> tuple[Array, tuple[Carry, ...]]:
+    """One step of the stacked cells, dropout between layers.
+
+    Returns:
+      `(top layer output [batch, hidden_dim], new carries)`.
+    """
+    new_carries = []
+    for layer, (cell, carry) in enumerate(
+      zip(self.cells, carries, strict=True)
+    ):
+      if layer:
+        x = self.dropout(x, deterministic=not train)
+      carry, x = cell(carry, x)
+      new_carries.append(carry)
+    return x, tuple(new_carries)
+
+  def step(
+    self, tokens: Array, state: State, *, train: bool = False
+  ) -> tuple[Array, State]:
+    """One decoding step.
+
+    Args:
+      tokens: int `[batch]`, the previous target tokens (BOS first).
+      state: the decoder state.
+      train: enables dropout.
+
+    Returns:
+      `(logits [batch, target_vocab_size] float32, new state)`.
+    """
+    chex.assert_rank(tokens, 1)
+    features, state = self.recur(
+      self.embed_tokens(tokens, train=train), state, train=train
+    )
+    return self.readout(features, train=train).astype(jnp.float32), state
+
+  def __call__(
+    self, tokens: Array, state: State, *, train: bool = False
+  ) -> Array:
+    """Teacher forcing: runs the decoder over all target positions.
+
+    Args:
+      tokens: int `[batch, target_len]` decoder inputs (BOS, then the gold
+        targets shifted right).
+      state: the initial decoder state.
+      train: enables dropout.
+
+    Returns:
+      float32 logits `[batch, target_len, target_vocab_size]`.
+    """
+    chex.assert_rank(tokens, 2)
+
+    def body(decoder, state, x):
+      features, state = decoder.recur(x, state, train=train)
+      return state, features
+
+    scan = nn.scan(
+      body,
+      variable_broadcast='params',
+      # Whatever a step sows (e.g. attention weights) stacks along time.
+      variable_axes={'intermediates': 1},
+      split_rngs={'params': False, 'dropout': True},
+      in_axes=1,
+      out_axes=1,
+      unroll=self.config.unroll,
+    )
+    _, features = scan(self, state, self.embed_tokens(tokens, train=train))
+    return self.readout(features, train=train).astype(jnp.float32)
+
+
+class SutskeverDecoder(Decoder):
+  """The encoder's final state is the decoder's initial state.
+
+  The decoder sees only its previous token; logits are a dense layer on the
+  top layer's output.
+  """
+
+  def setup(self):
+    super().setup()
+    self.output_proj = _dense(
+      self.config.target_vocab_size, self.config, 'vocab'
+    )
+
+  def initial_state(self, encoded, source_mask):
+    del source_mask  # the final state already ignores the padding
+    _, final_state = encoded
+    return {'carries': final_state}
+
+  def recur(self, x, state, *, train=False):
+    output, carries = self.run_cells(x, state['carries'], train=train)
+    return output, {'carries': carries}
+
+  def readout(self, features, *, train=False):
+    features = self.dropout(features, deterministic=not train)
+    return self.output_proj(features)
+
+
+class ChoDecoder(Decoder):
+  """A fixed context vector c conditions every step and the output layer.
+
+  c = tanh(V h_N), with h_N the top encoder layer's final hidden state (for a
+  bidirectional encoder, its bridged forward/backward state); each
+  decoder layer starts from tanh(W_l c) (every carry component, its own W);
+  the bottom cell's input is [y_{t-1} embedding; c]; the output layer is
+  Cho et al.'s deep output with maxout: m_t = maxout_2(O [s_t; y_{t-1}; c]),
+  `hidden_dim` units, then logits = G m_t.
+  """
+
+  def setup(self):
+    super().setup()
+    config = self.config
+    self.context_proj = _dense(config.hidden_dim, config)
+    num_parts = 2 if config.cell == 'lstm' else 1
+    self.init_projs = [
+      [_dense(config.hidden_dim, config) for _ in range(num_parts)]
+      for _ in range(config.num_layers)
+    ]
+    self.maxout_proj = _dense(2 * config.hidden_dim, config)
+    self.output_proj = _dense(config.target_vocab_size, config, 'vocab')
+
+  def initial_state(self, encoded, source_mask):
+    del source_mask  # the final state already ignores the padding
+    _, final_state = encoded
+    summary = carry_hidden(self.config, final_state[-1])
+    context = jnp.tanh(self.context_proj(summary))
+    carries = tuple(
+      carry_from_parts(
+        self.config, tuple(jnp.tanh(proj(context)) for proj in projs)
+      )
+      for projs in self.init_projs
+    )
+    return {'carries': carries, 'context': context}
+
+  def recur(self, x, state, *, train=False):
+    context = state['context']
+    inputs = jnp.concatenate([x, context.astype(x.dtype)], axis=-1)
+    output, carries = self.run_cells(inputs, state['carries'], train=train)
+    features = jnp.concatenate(
+      [output.astype(x.dtype), x, context.astype(x.dtype)], axis=-1
+    )
+    return features, {'carries': carries, 'context': context}
+
+  def readout(self, features, *, train=False):
+    features = self.dropout(features, deterministic=not train)
+    pre = self.maxout_proj(features)
+    hidden = jnp.max(pre.reshape(*pre.shape[:-1], -1, 2), axis=-1)
+    return self.output_proj(hidden)
+
+
+DECODERS: dict[str, type[Decoder]] = {
+  'sutskever': SutskeverDecoder,
+  'cho': ChoDecoder,
+}
+
+
+# The model.
+
+
+class Seq2Seq(nn.Module):
+  """RNN encoder-decoder; the decoder is `DECODERS[config.decoder]`.
+
+  `inputs` are right-padded source tokens; `source_lengths` (int `[batch]`)
+  default to the number of non-PAD tokens of each row.
+  """
+
+  config: Seq2SeqConfig
+
+  def setup(self):
+    self.encoder = Encoder(self.config, name='encoder')
+    self.decoder = DECODERS[self.config.decoder](self.config, name='decoder')
+
+  def _lengths(self, inputs: Array, source_lengths: Array | None) -> Array:
+    if source_lengths is None:
+      return source_lengths_from(inputs, self.config.pad_id)
+    return jnp.asarray(source_lengths, jnp.int32)
+
+  def __call__(
+    self,
+    inputs: Array,
+    targets: Array,
+    *,
+    train: bool,
+    source_lengths: Array | None = None,
+  ) -> Array:
+    """Teacher-forced logits.
+
+    Args:
+      inputs: int `[batch, source_len]`.
+      targets: int `[batch, target_len]`, EOS-terminated and PAD-padded; the
+        decoder inputs are BOS followed by `targets[:, :-1]`.
+      train: enables dropout (needs the 'dropout' rng when
+        `dropout_rate > 0`).
+      source_lengths: optional int `[batch]`.
+
+    Returns:
+      float32 logits `[batch, target_len, target_vocab_size]`; position t
+      predicts `targets[:, t]`.
+    """
+    chex.assert_rank([inputs, targets], 2)
+    chex.assert_type([inputs, targets], int)
+    chex.assert_equal_shape_prefix([inputs, targets], 1)
+    encoded = self.encode(inputs, train=train, source_lengths=source_lengths)
+    state = self.initial_decoder_state(
+      encoded, inputs, source_lengths=source_lengths
+    )
+    bos = jnp.full_like(targets[:, :1], self.config.bos_id)
+    decoder_inputs = jnp.concatenate([bos, targets[:, :-1]], axis=1)
+    return self.decoder(decoder_inputs, state, train=train)
+
+  def encode(
+    self,
+    inputs: Array,
+    *,
+    train: bool = False,
+    source_lengths: Array | None = None,
+  ) -> tuple[Array, tuple[Carry, ...]]:
+    """`(outputs [batch, source_len, encoder_dim], final_state)`."""
+    lengths = self._lengths(inputs, source_lengths)
+    return self.encoder(inputs, lengths, train=train)
+
+  def initial_decoder_state(
+    self,
+    encoded: tuple[Array, tuple[Carry, ...]],
+    inputs: Array,
+    *,
+    source_lengths: Array | None = None,
+  ) -> State:
+    """The decoder state before the first step (whose input is BOS).
+
+    Args:
+      encoded: the result of `encode`.
+      inputs: the source tokens given to `encode`, for the source mask.
+      source_lengths: the lengths given to `encode`, if any.
+    """
+    lengths = self._lengths(inputs, source_lengths)
+    source_mask = masks.length_mask(lengths, inputs.shape[1])
+    return self.decoder.initial_state(encoded, source_mask)
+
+  def decode_step(self, tokens: Array, state: State) -> tuple[Array, State]:
+    """`(logits [batch, target_vocab_size] float32, state)` after feeding the
+    previous tokens `[batch]` (no dropout)."""
+    return self.decoder.step(tokens, state)
+
+  def greedy_decode(
+    self,
+    inputs: Array,
+    *,
+    max_len: int | None = None,
+    source_lengths: Array | None = None,
+  ) -> Array:
+    """Greedy decoding for `max_len` steps (default `max_target_len`).
+
+    Returns:
+      int32 `[batch, max_len]`: the argmax tokens up to and including the
+      first EOS, PAD after it. A finished row is fed PAD; its later outputs
+      are discarded.
+    """
+    config = self.config
+    max_len = config.max_target_len if max_len is None else max_len
+    if not _is_int(max_len) or max_len < 1:
+      raise ValueError(
+        'greedy_decode: max_len must be a Python int >= 1 (static under '
+        f'jax.jit: bind it with functools.partial); got {max_len!r}.'
+      )
+    encoded = self.encode(inputs, source_lengths=source_lengths)
+    state = self.initial_decoder_state(
+      encoded, inputs, source_lengths=source_lengths
+    )
+
+    def body(decoder, carry, _):
+      tokens, done, state = carry
+      logits, state = decoder.step(tokens, state)
+      best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      out = jnp.where(done, config.pad_id, best)
+      done = done | (out == config.eos_id)
+      return (out, done, state), out
+
+    scan = nn.scan(
+      body,
+      variable_broadcast='params',
+      variable_axes={'intermediates': 1},
+      split_rngs={'params': False},
+      length=max_len,
+      out_axes=1,
+      unroll=config.unroll,
+    )
+    batch = inputs.shape[0]
+    bos = jnp.full((batch,), config.bos_id, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    _, tokens = scan(self.decoder, (bos, done, state), None)
+    return tokens

@@ -1,0 +1,593 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+The same code runs on one CPU, on 8 simulated devices and on several hosts:
+parameters are sharded by their logical axes over a `data` x `model` mesh,
+batches over `data`, and the train step is one `jax.jit` with in/out
+shardings and a donated state. Checkpoints (with the data iterator's position)
+let a run resume exactly; the run's config is saved in the workdir so a
+checkpoint can be reused with `--workdir` alone (see `attnjax.cli`).
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from attnjax.data import pipeline, synthetic, vocab as vocab_lib
+from attnjax.models import seq2seq
+from attnjax.training import checkpoints, metrics, optim, sharding
+
+Array = jax.Array
+CONFIG_FILE = 'config.json'
+
+# Config fields that define the model and its data representation: a
+# checkpoint is only reusable under the same values.
+_IDENTITY_FIELDS = (
+  'model',
+  'data.task',
+  'data.n_numbers',
+  'data.largest',
+  'data.alphabet',
+  'data.min_len',
+  'data.max_len',
+)
+# Fields of config.data that are not arguments of the task.
+_DATA_FIELDS = ('task', 'seed', 'heldout_size')
+
+
+class TrainState(train_state.TrainState):
+  pass
+
+
+# ---------------------------------------------------------------------------
+# Config checks.
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Range checks that must fail before anything is compiled."""
+
+  def need(ok: bool, field: str, requirement: str) -> None:
+    if not ok:
+      value = _lookup(config, field)
+      raise ValueError(
+        f'config.{field}={value!r} is invalid: it must be {requirement}. '
+        f'Fix it in the config file or with --config.{field}=...'
+      )
+
+  for field in (
+    'batch_size',
+    'eval_batch_size',
+    'num_train_steps',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+  ):
+    need(_lookup(config, field) >= 1, field, '>= 1')
+  need(0 <= config.label_smoothing < 1, 'label_smoothing', 'in [0, 1)')
+  opt = config.optimizer
+  need(
+    opt.name in optim.OPTIMIZERS, 'optimizer.name', f'one of {optim.OPTIMIZERS}'
+  )
+  need(
+    opt.schedule in optim.SCHEDULES,
+    'optimizer.schedule',
+    f'one of {optim.SCHEDULES}',
+  )
+  need(opt.learning_rate > 0, 'optimizer.learning_rate', '> 0')
+  need(opt.warmup_steps >= 0, 'optimizer.warmup_steps', '>= 0')
+  need(opt.clip_norm >= 0, 'optimizer.clip_norm', '>= 0 (0 disables)')
+  need(config.data.heldout_size >= 1, 'data.heldout_size', '>= 1')
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  value = config
+  for part in dotted.split('.'):
+    value = value.get(part) if hasattr(value, 'get') else None
+  return value
+
+
+def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flat(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def save_or_check_config(config: ml_collections.ConfigDict, workdir) -> None:
+  """Saves the config beside the checkpoints, or checks it matches them."""
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  has_checkpoint = checkpoints.manager(workdir, read_only=True).latest_step()
+  if path.exists() and has_checkpoint is not None:
+    saved = _flat(json.loads(path.read_text()))
+    current = _flat(json.loads(config.to_json_best_effort()))
+    differ = sorted(
+      key
+      for key in set(saved) | set(current)
+      if key.startswith(_IDENTITY_FIELDS) and saved.get(key) != current.get(key)
+    )
+    if differ:
+      details = ', '.join(
+        f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in differ
+      )
+      raise ValueError(
+        f'workdir {workdir} holds checkpoints of a different model or task '
+        f'({details}). Use a new --workdir, or delete '
+        f'{pathlib.Path(workdir) / checkpoints.CHECKPOINT_DIR} to start fresh.'
+      )
+  if jax.process_index() == 0:
+    path.write_text(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+      f'{path} not found: --workdir must be a directory written by train.py '
+      '(it saves its config there).'
+    )
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------------
+# The experiment: everything derived from the config, before any arrays.
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  task: synthetic.Task
+  model: nn.Module
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  abstract_state: Any  # boxed ShapeDtypeStructs (with logical axes)
+  state_shardings: Any
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict) -> 'Experiment':
+    task = make_task(config)
+    model = build_model(config, task)
+    tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    mesh = sharding.make_mesh(
+      config.mesh.data, config.mesh.model, config.mesh.num_devices
+    )
+    data_size = mesh.shape[sharding.DATA]
+    for field in ('batch_size', 'eval_batch_size'):
+      if config[field] % data_size:
+        raise ValueError(
+          f'config.{field}={config[field]} is not divisible by the data axis '
+          f'of the mesh ({data_size} devices). Pick a multiple of '
+          f'{data_size} or change config.mesh.'
+        )
+    if config.batch_size % jax.process_count():
+      raise ValueError(
+        f'config.batch_size={config.batch_size} is not divisible by the '
+        f'{jax.process_count()} processes.'
+      )
+    init = functools.partial(_init_state, model, tx, task)
+    abstract_state = jax.eval_shape(init, jax.random.key(0))
+    shardings = sharding.state_shardings(abstract_state, mesh)
+    return cls(config, task, model, tx, mesh, abstract_state, shardings)
+
+  def init_state(self, rng: Array) -> TrainState:
+    init = functools.partial(_init_state, self.model, self.tx, self.task)
+    jitted = jax.jit(
+      lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings
+    )
+    with jax.set_mesh(self.mesh):
+      return jitted(rng)
+
+  def unboxed_abstract_state(self):
+    return nn.meta.unbox(self.abstract_state)
+
+  def train_iterator(self) -> Iterator[dict[str, np.ndarray]]:
+    dataset = pipeline.train_dataset(
+      self.task,
+      global_batch_size=self.config.batch_size,
+      seed=self.config.data.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    return iter(dataset)
+
+
+def make_task(config: ml_collections.ConfigDict) -> synthetic.Task:
+  kwargs = {k: v for k, v in config.data.items() if k not in _DATA_FIELDS}
+  return synthetic.make_task(config.data.task, **kwargs)
+
+
+def build_model(config: ml_collections.ConfigDict, task) -> nn.Module:
+  fields = dict(config.model)
+  fields['dtype'] = jnp.dtype(fields.get('dtype', 'float32'))
+  model_config = seq2seq.Seq2SeqConfig(
+    source_vocab_size=task.vocab.size,
+    target_vocab_size=task.vocab.size,
+    max_target_len=task.max_target_len,
+    **fields,
+  )
+  return seq2seq.Seq2Seq(model_config)
+
+
+def _dummy_batch(task, batch_size: int = 1) -> dict[str, Array]:
+  return {
+    'inputs': jnp.ones((batch_size, task.max_source_len), jnp.int32),
+    'targets': jnp.ones((batch_size, task.max_target_len), jnp.int32),
+  }
+
+
+def _init_state(model, tx, task, rng) -> TrainState:
+  batch = _dummy_batch(task)
+  params = model.init(rng, batch['inputs'], batch['targets'], train=False)
+  return TrainState.create(apply_fn=model.apply, params=params['params'], tx=tx)
+
+
+# ---------------------------------------------------------------------------
+# Steps.
+
+
+def token_metrics(
+  logits: Array,
+  targets: Array,
+  pad_id: int,
+  label_smoothing: float = 0.0,
+  valid: Array | None = None,
+) -> dict[str, Array]:
+  """Sums over the batch; divide by `tokens` / `sequences` for means."""
+  mask = targets != pad_id
+  if valid is not None:
+    mask = mask & valid[:, None]
+  num_classes = logits.shape[-1]
+  labels = jax.nn.one_hot(targets, num_classes, dtype=jnp.float32)
+  if label_smoothing:
+    labels = optax.smooth_labels(labels, label_smoothing)
+  loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+  right = (jnp.argmax(logits, -1) == targets) | ~mask
+  rows = jnp.ones(targets.shape[0], bool) if valid is None else valid
+  return {
+    'loss_sum': jnp.sum(loss * mask),
+    'tokens': jnp.sum(mask).astype(jnp.float32),
+    'correct_tokens': jnp.sum(right & mask).astype(jnp.float32),
+    'sequences': jnp.sum(rows).astype(jnp.float32),
+    'correct_sequences': jnp.sum(jnp.all(right, -1) & rows).astype(jnp.float32),
+  }
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+  tokens, sequences = max(sums['tokens'], 1.0), max(sums['sequences'], 1.0)
+  loss = sums['loss_sum'] / tokens
+  return {
+    'loss': loss,
+    'perplexity': math.exp(min(loss, 50.0)),
+    'token_accuracy': sums['correct_tokens'] / tokens,
+    'teacher_forced_exact_match': sums['correct_sequences'] / sequences,
+  }
+
+
+def train_step(
+  state: TrainState, batch, rng, *, model, pad_id, label_smoothing
+):
+  """One optimiser step. The rng advances with the step number."""
+  dropout_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    logits = model.apply(
+      {'params': params},
+      batch['inputs'],
+      batch['targets'],
+      train=True,
+      rngs={'dropout': dropout_rng},
+    )
+    sums = token_metrics(logits, batch['targets'], pad_id, label_smoothing)
+    return sums['loss_sum'] / jnp.maximum(sums['tokens'], 1.0), sums
+
+  grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+  sums['grad_norm'] = optax.tree.norm(grads)
+  return state.apply_gradients(grads=grads), sums
+
+
+def make_train_step(exp: Experiment):
+  step = functools.partial(
+    train_step,
+    model=exp.model,
+    pad_id=vocab_lib.PAD_ID,
+    label_smoothing=exp.config.label_smoothing,
+  )
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+  replicated = sharding.replicated(exp.mesh)
+  return jax.jit(
+    step,
+    in_shardings=(exp.state_shardings, batch_sharding, replicated),
+    out_shardings=(exp.state_shardings, replicated),
+    donate_argnums=0,
+  )
+
+
+def make_eval_step(exp: Experiment):
+  """Teacher-forced metrics and greedy decoding of one held-out batch."""
+  model, pad_id = exp.model, vocab_lib.PAD_ID
+
+  def eval_step(params, batch):
+    logits = model.apply(
+      {'params': params}, batch['inputs'], batch['targets'], train=False
+    )
+    sums = token_metrics(logits, batch['targets'], pad_id, valid=batch['valid'])
+    tokens = model.apply(
+      {'params': params}, batch['inputs'], method=model.greedy_decode
+    )
+    return sums, tokens
+
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+  replicated = sharding.replicated(exp.mesh)
+  return jax.jit(
+    eval_step,
+    in_shardings=(exp.state_shardings.params, batch_sharding),
+    out_shardings=(replicated, replicated),
+  )
+
+
+def _replicated_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, Array]:
+  """A batch every process holds in full, as arrays sharded over `data`."""
+  target = sharding.batch_sharding(mesh)
+  return {
+    name: jax.make_array_from_callback(
+      value.shape, target, lambda idx, v=value: v[idx]
+    )
+    for name, value in batch.items()
+  }
+
+
+def evaluate(
+  exp: Experiment,
+  params,
+  *,
+  num_examples: int | None = None,
+  eval_step=None,
+  show: int = 0,
+) -> dict[str, Any]:
+  """Held-out metrics: teacher-forced loss/accuracy and greedy exact match."""
+  n = num_examples or exp.config.data.heldout_size
+  batches = pipeline.heldout_batches(
+    exp.task, n=n, batch_size=exp.config.eval_batch_size
+  )
+  eval_step = eval_step or make_eval_step(exp)
+  vocab = exp.task.vocab
+  totals: dict[str, float] = {}
+  exact, count, examples = 0, 0, []
+  for batch in batches:
+    sums, tokens = eval_step(params, _replicated_batch(batch, exp.mesh))
+    for key, value in jax.device_get(sums).items():
+      totals[key] = totals.get(key, 0.0) + float(value)
+    tokens = np.asarray(jax.device_get(tokens))
+    for row in np.flatnonzero(batch['valid']):
+      predicted = vocab.decode(tokens[row].tolist())
+      target = vocab.decode(batch['targets'][row].tolist())
+      exact += predicted == target
+      count += 1
+      if len(examples) < show:
+        source = vocab.decode(batch['inputs'][row].tolist())
+        examples.append((source, target, predicted))
+  result = summarize(totals)
+  result['exact_match'] = exact / max(count, 1)
+  result['num_examples'] = count
+  if show:
+    result['examples'] = examples
+  return result
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+class _TrainLog:
+  """Accumulates step metrics (fetched one step late) between log steps."""
+
+  def __init__(self, exp, writer, progress, mngr):
+    self._exp, self._writer, self._progress = exp, writer, progress
+    self._mngr = mngr
+    self._sums: dict[str, float] = {}
+    self._steps = 0
+
+  def add(self, step: int, device_sums) -> None:
+    sums = jax.device_get(device_sums)
+    loss = float(sums['loss_sum']) / max(float(sums['tokens']), 1.0)
+    if not math.isfinite(loss):
+      self._mngr.wait_until_finished()
+      last = self._mngr.latest_step()
+      raise FloatingPointError(
+        f'the training loss became {loss} at step {step}. The last good '
+        f'checkpoint (step {last}) is kept. Lower optimizer.learning_rate or '
+        'set optimizer.clip_norm, then rerun to resume from it.'
+      )
+    for key, value in sums.items():
+      self._sums[key] = self._sums.get(key, 0.0) + float(value)
+    self._steps += 1
+    if step % self._exp.config.log_every_steps == 0:
+      self.write(step)
+
+  def write(self, step: int) -> None:
+    if not self._steps:
+      return
+    scalars = summarize(self._sums)
+    scalars['grad_norm'] = self._sums['grad_norm'] / self._steps
+    rates = self._progress.report(step, self._sums['tokens'])
+    scalars.update(
+      steps_per_s=rates['steps_per_s'], tokens_per_s=rates['tokens_per_s']
+    )
+    del scalars['perplexity']
+    self._writer.write(step, 'train', scalars)
+    logging.info(
+      'step %d/%d  loss %.4f  token acc %.4f  %.1f steps/s  %.0f tokens/s  '
+      'ETA %s',
+      step,
+      self._exp.config.num_train_steps,
+      scalars['loss'],
+      scalars['token_accuracy'],
+      rates['steps_per_s'],
+      rates['tokens_per_s'],
+      metrics.format_eta(rates['eta_s']),
+    )
+    self._sums, self._steps = {}, 0
+
+
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """`jax.distributed.initialize` for a multi-process run.
+
+  Values left None come from the environment (JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID) or from a cluster JAX detects itself
+  (SLURM, TPU pods, ...). On CPU, gloo provides the cross-process collectives.
+  """
+  # Only the CPU client uses this; asking for the backend here would start
+  # it before `initialize`, which must come first.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+  )
+  logging.info('Process %d of %d.', jax.process_index(), jax.process_count())
+
+
+def restore_or_init(exp: Experiment, workdir, mngr, data_iterator=None):
+  """The latest checkpoint in `workdir` if any, else a fresh (or init_from)
+  state. Returns `(state, step)`."""
+  step = mngr.latest_step()
+  if step is not None:
+    state = checkpoints.restore(
+      mngr,
+      step,
+      exp.unboxed_abstract_state(),
+      exp.state_shardings,
+      data_iterator,
+    )
+    return state, step
+  state = exp.init_state(jax.random.key(exp.config.seed))
+  if exp.config.get('init_from'):
+    params = checkpoints.restore_params(
+      exp.config.init_from,
+      exp.unboxed_abstract_state().params,
+      exp.state_shardings.params,
+    )
+    state = state.replace(params=params)
+  return state, 0
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
+
+  Returns the final held-out metrics.
+  """
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  save_or_check_config(config, workdir)
+  exp = Experiment.create(config)
+  mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
+  data_iterator = exp.train_iterator()
+  state, start = restore_or_init(exp, workdir, mngr, data_iterator)
+  logging.info(
+    'Training %s on %s from step %d to %d on %d devices (mesh %s).',
+    config.model.decoder,
+    config.data.task,
+    start,
+    config.num_train_steps,
+    exp.mesh.size,
+    dict(exp.mesh.shape),
+  )
+  writer = metrics.MetricsWriter(workdir, resume_step=start)
+  log = _TrainLog(
+    exp, writer, metrics.Progress(start, config.num_train_steps), mngr
+  )
+  step_fn, eval_step = make_train_step(exp), make_eval_step(exp)
+  rng = jax.random.key(config.seed)
+  pending = None
+  result: dict[str, Any] = {}
+  with jax.set_mesh(exp.mesh):
+    for step in range(start + 1, config.num_train_steps + 1):
+      batch = sharding.global_batch(next(data_iterator), exp.mesh)
+      state, sums = step_fn(state, batch, rng)
+      # Read the previous step's metrics while this one runs.
+      if pending is not None:
+        log.add(*pending)
+      pending = (step, sums)
+      last = step == config.num_train_steps
+      if step % config.checkpoint_every_steps == 0 or last:
+        log.add(*pending)  # never checkpoint a state with a NaN loss
+        pending = None
+        checkpoints.save(mngr, step, state, data_iterator)
+      if step % config.eval_every_steps == 0 or last:
+        result = evaluate(exp, state.params, eval_step=eval_step)
+        writer.write(step, 'heldout', result)
+        logging.info(
+          'step %d  held-out exact match %.4f  token acc %.4f  loss %.4f',
+          step,
+          result['exact_match'],
+          result['token_accuracy'],
+          result['loss'],
+        )
+    if pending is not None:
+      log.add(*pending)
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Reuse of a trained workdir.
+
+
+def load_trained(workdir) -> tuple[Experiment, Any]:
+  """The experiment and parameters of the latest checkpoint in `workdir`,
+  on whatever devices are present."""
+  workdir = pathlib.Path(workdir)
+  if not workdir.is_dir():
+    raise FileNotFoundError(f'workdir {workdir} does not exist.')
+  config = load_config(workdir)
+  with config.unlocked():
+    config.mesh.data, config.mesh.model, config.mesh.num_devices = -1, 1, 0
+    data_size = len(jax.devices())
+    for field in ('batch_size', 'eval_batch_size'):
+      config[field] = math.ceil(config[field] / data_size) * data_size
+  exp = Experiment.create(config)
+  mngr = checkpoints.manager(workdir, read_only=True)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(
+      f'workdir {workdir} has no checkpoint yet; train it with train.py '
+      f'--workdir={workdir} first.'
+    )
+  state, _ = restore_or_init(exp, workdir, mngr)
+  return exp, state.params
+
+
+def decode(exp: Experiment, params, sources: Sequence[str]) -> list[str]:
+  """Greedy outputs of the model for raw source strings."""
+  task, vocab = exp.task, exp.task.vocab
+  rows = [task.prepare_source(text) for text in sources]
+  width = task.max_source_len
+  inputs = np.full((len(rows), width), vocab_lib.PAD_ID, np.int32)
+  for i, ids in enumerate(rows):
+    inputs[i, : len(ids)] = ids
+  tokens = jax.jit(
+    functools.partial(exp.model.apply, method=exp.model.greedy_decode)
+  )({'params': params}, jnp.asarray(inputs))
+  return [vocab.decode(row) for row in np.asarray(tokens).tolist()]

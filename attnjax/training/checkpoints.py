@@ -1,0 +1,98 @@
+"""Orbax checkpoints of the train state and the data iterator.
+
+A checkpoint step holds two items: `state` (the train state, as sharded
+arrays, restorable onto any mesh) and `data` (the Grain iterator's position,
+one entry per process), so a resumed run sees exactly the batches the
+uninterrupted run would have seen. Orbax writes each step to a temporary
+directory and renames it when complete, so a run killed mid-save resumes from
+the previous complete step.
+"""
+
+import logging
+import pathlib
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+def manager(
+  workdir: str | pathlib.Path,
+  *,
+  max_to_keep: int | None = None,
+  read_only: bool = False,
+) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep,
+    create=not read_only,
+    read_only=read_only,
+    enable_async_checkpointing=True,
+  )
+  directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
+  args = {'state': ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  mngr.save(step, args=ocp.args.Composite(**args))
+
+
+def _abstract(state, shardings):
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    state,
+    shardings,
+  )
+
+
+def restore(
+  mngr: ocp.CheckpointManager,
+  step: int,
+  abstract_state,
+  shardings,
+  data_iterator=None,
+):
+  """Restores `state` (onto `shardings`) and, if given, the data iterator."""
+  args = {
+    'state': ocp.args.StandardRestore(_abstract(abstract_state, shardings))
+  }
+  if data_iterator is not None:
+    args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(**args))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+      f'checkpoint step {step} in {mngr.directory} does not match this '
+      f'model/config ({type(e).__name__}: {str(e)[:300]}). Use a fresh '
+      '--workdir, or delete the checkpoints to start over.'
+    ) from e
+  logging.info('Restored step %d from %s.', step, mngr.directory)
+  return restored['state']
+
+
+def restore_params(workdir: str | pathlib.Path, abstract_params, shardings):
+  """Parameters only, from the latest checkpoint in `workdir` (fine-tuning)."""
+  mngr = manager(workdir, read_only=True)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+      f'init_from={workdir!s} holds no checkpoint (looked in '
+      f"{mngr.directory}). Point init_from at a trained run's workdir."
+    )
+  target = {'params': _abstract(abstract_params, shardings)}
+  restored = mngr.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      )
+    ),
+  )
+  logging.info('Initialised parameters from %s step %d.', workdir, step)
+  return restored['state']['params']

@@ -1,0 +1,97 @@
+"""Metric output: TensorBoard event files, `metrics.jsonl`, the console.
+
+Only process 0 writes. Each logged step becomes one JSON line
+`{"step": ..., "split": ..., name: value, ...}` in `WORKDIR/metrics.jsonl`
+and scalars under `WORKDIR/tensorboard/SPLIT`.
+"""
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+  """Writes scalars to TensorBoard and `metrics.jsonl` (process 0 only)."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, resume_step: int = 0):
+    self._workdir = pathlib.Path(workdir)
+    self._active = jax.process_index() == 0
+    self._tb = {}
+    self._jsonl = self._workdir / 'metrics.jsonl'
+    if self._active:
+      self._drop_entries_after(resume_step)
+
+  def _drop_entries_after(self, step: int) -> None:
+    """A resumed run rewrites the steps after its checkpoint; keep one copy."""
+    if not self._jsonl.exists():
+      return
+    lines = self._jsonl.read_text().splitlines()
+    kept = [line for line in lines if line and json.loads(line)['step'] <= step]
+    if len(kept) != len(lines):
+      logging.info(
+        'Dropped %d metric lines after resumed step %d.',
+        len(lines) - len(kept),
+        step,
+      )
+      self._jsonl.write_text(''.join(line + '\n' for line in kept))
+
+  def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+    if not self._active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    with self._jsonl.open('a') as f:
+      f.write(json.dumps({'step': int(step), 'split': split, **scalars}) + '\n')
+    writer = self._tb.get(split)
+    if writer is None:
+      from tensorboardX import SummaryWriter
+
+      writer = SummaryWriter(str(self._workdir / 'tensorboard' / split))
+      self._tb[split] = writer
+    for name, value in scalars.items():
+      writer.add_scalar(name, value, step)
+
+  def flush(self) -> None:
+    for writer in self._tb.values():
+      writer.flush()
+
+  def close(self) -> None:
+    for writer in self._tb.values():
+      writer.close()
+    self._tb.clear()
+
+
+class Progress:
+  """Steps/s, target tokens/s and ETA between two reports."""
+
+  def __init__(self, first_step: int, last_step: int):
+    self._last_step = last_step
+    self._mark = (first_step, time.perf_counter(), 0.0)
+
+  def report(self, step: int, tokens: float) -> dict[str, float]:
+    """Rates since the previous report; `tokens`: target tokens since then."""
+    prev_step, prev_time, _ = self._mark
+    now = time.perf_counter()
+    elapsed = max(now - prev_time, 1e-9)
+    steps_per_s = (step - prev_step) / elapsed
+    self._mark = (step, now, tokens)
+    remaining = (self._last_step - step) / max(steps_per_s, 1e-9)
+    return {
+      'steps_per_s': steps_per_s,
+      'tokens_per_s': tokens / elapsed,
+      'eta_s': remaining,
+    }
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(np.round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return (
+    f'{hours}:{minutes:02d}:{seconds:02d}'
+    if hours
+    else f'{minutes}:{seconds:02d}'
+  )

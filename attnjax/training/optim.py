@@ -1,0 +1,52 @@
+"""Optimiser and learning-rate schedule from the config (optax)."""
+
+import ml_collections
+import optax
+
+SCHEDULES = ('constant', 'cosine', 'linear', 'rsqrt')
+OPTIMIZERS = ('adam', 'adamw')
+
+
+def learning_rate_schedule(
+  config: ml_collections.ConfigDict, num_train_steps: int
+) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then the named decay.
+
+  'rsqrt' is the Transformer schedule: lr * sqrt(warmup / step) after warmup.
+  """
+  lr, warmup = config.learning_rate, config.warmup_steps
+  warmup_fn = optax.linear_schedule(0.0, lr, max(warmup, 1))
+  decay_steps = max(num_train_steps - warmup, 1)
+  if config.schedule == 'constant':
+    decay_fn = optax.constant_schedule(lr)
+  elif config.schedule == 'cosine':
+    decay_fn = optax.cosine_decay_schedule(lr, decay_steps)
+  elif config.schedule == 'linear':
+    decay_fn = optax.linear_schedule(lr, 0.0, decay_steps)
+  else:  # rsqrt
+
+    def decay_fn(step):
+      return lr * (max(warmup, 1) / (step + max(warmup, 1))) ** 0.5
+
+  if warmup == 0:
+    return decay_fn
+  return optax.join_schedules([warmup_fn, decay_fn], [warmup])
+
+
+def make_optimizer(
+  config: ml_collections.ConfigDict, num_train_steps: int
+) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(config, num_train_steps)
+  if config.name == 'adam':
+    opt = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
+  else:
+    opt = optax.adamw(
+      schedule,
+      b1=config.b1,
+      b2=config.b2,
+      eps=config.eps,
+      weight_decay=config.weight_decay,
+    )
+  if config.clip_norm > 0:
+    opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
+  return opt

@@ -1,0 +1,377 @@
+"""RNN encoder-decoders: shapes, step == teacher forcing, padding, decoding.
+
+Compiling dominates these tests, so each model variant's functions are jitted
+once (`_compiled`) and shared by the tests, and shapes come from
+`jax.eval_shape`.
+"""
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from attnjax.models import seq2seq
+from attnjax.models.seq2seq import Seq2Seq, Seq2SeqConfig
+
+SRC_VOCAB, TGT_VOCAB = 16, 12
+B, S, T = 3, 6, 5
+PAD, BOS, EOS = 0, 1, 2
+ALL_VARIANTS = list(
+  itertools.product(('lstm', 'gru'), seq2seq.DECODERS, (False, True))
+)
+# Every cell x decoder and every cell x bidirectional pair (the encoder's
+# direction does not change how a decoder runs), two with non-default unroll
+# and dropout, which must not change what a model computes at eval time.
+VARIANTS = [
+  ('lstm', 'sutskever', True, ()),
+  ('lstm', 'cho', False, (('dropout_rate', 0.3),)),
+  ('gru', 'sutskever', False, (('unroll', 2),)),
+  ('gru', 'cho', True, ()),
+]
+
+
+def _ids(variants):
+  ids = []
+  for cell, decoder, bidirectional, *overrides in variants:
+    names = [k for k, _ in overrides[0]] if overrides else []
+    ids.append(
+      '-'.join([cell, decoder, 'bi' if bidirectional else 'uni', *names])
+    )
+  return ids
+
+
+variants = pytest.mark.parametrize(
+  'cell, decoder, bidirectional, overrides', VARIANTS, ids=_ids(VARIANTS)
+)
+
+# XLA's backend optimisations cost more compile time than they save here.
+jit = functools.partial(
+  jax.jit,
+  compiler_options={
+    'xla_backend_optimization_level': 0,
+    'xla_llvm_disable_expensive_passes': True,
+  },
+)
+
+
+def _config(**overrides) -> Seq2SeqConfig:
+  fields = dict(
+    source_vocab_size=SRC_VOCAB,
+    target_vocab_size=TGT_VOCAB,
+    embed_dim=8,
+    hidden_dim=8,
+    num_layers=2,
+    max_target_len=T,
+  )
+  return Seq2SeqConfig(**{**fields, **overrides})
+
+
+def _model(cell='lstm', decoder='sutskever', bidirectional=False, **overrides):
+  return Seq2Seq(
+    _config(
+      cell=cell, decoder=decoder, bidirectional=bidirectional, **overrides
+    )
+  )
+
+
+def _batch(seed=0, lengths=(S, 3, 1)):
+  """Right-padded sources with the given lengths and EOS-ended targets."""
+  rng = np.random.default_rng(seed)
+  lengths = np.asarray(lengths, np.int32)
+  tokens = rng.integers(3, SRC_VOCAB, (B, S), np.int32)
+  inputs = np.where(np.arange(S) < lengths[:, None], tokens, PAD)
+  targets = rng.integers(3, TGT_VOCAB, (B, T), np.int32)
+  targets[:, -1] = EOS
+  targets[1, 1:] = [EOS] + [PAD] * (T - 2)
+  return jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(lengths)
+
+
+def _abstract_variables(model):
+  inputs, targets, _ = _batch()
+  init = functools.partial(model.init, train=False)
+  return jax.eval_shape(init, jax.random.key(0), inputs, targets)
+
+
+def _init(model, seed=0, scale=0.3):
+  """Variables drawn uniformly from [-scale, scale] on the host.
+
+  The properties tested hold for any weights, and `model.init`'s
+  initialisers (a threefry stream per weight, truncated normals, QRs) take
+  far longer to compile than these models take to run. Sutskever et al.
+  initialise with U(-0.08, 0.08) too.
+  """
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda x: jnp.asarray(rng.uniform(-scale, scale, x.shape), x.dtype),
+    nn.meta.unbox(_abstract_variables(model)),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+  model: Seq2Seq
+  variables: dict
+  # (variables, inputs, targets, lengths) -> (logits, encoded, state): the
+  # teacher-forced logits, the encoding and the decoder's initial state.
+  forward: Callable
+  # (variables, tokens, state) -> (logits, state)
+  step: Callable
+  # (variables, inputs) -> tokens [B, T], default source lengths.
+  greedy: Callable
+
+
+@functools.cache
+def _compiled(cell, decoder, bidirectional, overrides=()) -> _Compiled:
+  model = _model(cell, decoder, bidirectional, **dict(overrides))
+
+  def forward(variables, inputs, targets, lengths):
+    logits = model.apply(
+      variables, inputs, targets, train=False, source_lengths=lengths
+    )
+    encoded = model.apply(
+      variables, inputs, source_lengths=lengths, method='encode'
+    )
+    state = model.apply(
+      variables,
+      encoded,
+      inputs,
+      source_lengths=lengths,
+      method='initial_decoder_state',
+    )
+    return logits, encoded, state
+
+  return _Compiled(
+    model=model,
+    variables=_init(model),
+    forward=jit(forward),
+    step=jit(functools.partial(model.apply, method='decode_step')),
+    greedy=jit(functools.partial(model.apply, method='greedy_decode')),
+  )
+
+
+def _assert_pad_after_eos(tokens):
+  for row in np.asarray(tokens):
+    ends = np.flatnonzero(row == EOS)
+    if ends.size:
+      assert (row[ends[0] + 1 :] == PAD).all(), row
+
+
+def _until_eos(row):
+  """Positions up to and including the first EOS (all if there is none)."""
+  ends = np.flatnonzero(row == EOS)
+  return slice(0, ends[0] + 1 if ends.size else len(row))
+
+
+@pytest.mark.parametrize(
+  'cell, decoder, bidirectional', ALL_VARIANTS, ids=_ids(ALL_VARIANTS)
+)
+def test_shapes(cell, decoder, bidirectional):
+  model = _model(cell, decoder, bidirectional)
+  config = model.config
+  inputs, targets, _ = _batch()
+
+  def run(variables):
+    logits = model.apply(variables, inputs, targets, train=False)
+    encoded = model.apply(variables, inputs, method='encode')
+    tokens = model.apply(variables, inputs, method='greedy_decode', max_len=7)
+    return logits, encoded, tokens
+
+  abstract = nn.meta.unbox(_abstract_variables(model))
+  logits, (outputs, final_state), tokens = jax.eval_shape(run, abstract)
+  assert logits.shape == (B, T, TGT_VOCAB)
+  assert logits.dtype == jnp.float32
+  assert outputs.shape == (B, S, config.encoder_dim)
+  assert len(final_state) == config.num_layers
+  for carry in final_state:
+    parts = seq2seq.carry_parts(config, carry)
+    assert len(parts) == (2 if cell == 'lstm' else 1)
+    for part in parts:
+      assert part.shape == (B, config.hidden_dim)
+      assert part.dtype == jnp.float32
+  assert tokens.shape == (B, 7)
+  assert tokens.dtype == jnp.int32
+
+
+@variants
+def test_teacher_forcing_equals_iterated_steps(
+  cell, decoder, bidirectional, overrides
+):
+  c = _compiled(cell, decoder, bidirectional, overrides)
+  inputs, targets, lengths = _batch()
+  logits, _, state = c.forward(c.variables, inputs, targets, lengths)
+  previous = jnp.concatenate([jnp.full((B, 1), BOS), targets[:, :-1]], 1)
+  for t in range(T):
+    step_logits, state = c.step(c.variables, previous[:, t], state)
+    np.testing.assert_allclose(step_logits, logits[:, t], atol=1e-5)
+
+
+@variants
+def test_padding_never_changes_outputs(cell, decoder, bidirectional, overrides):
+  c = _compiled(cell, decoder, bidirectional, overrides)
+  inputs, targets, lengths = _batch(lengths=(S, 3, 0))
+  padded = jnp.arange(S) >= lengths[:, None]
+  noise = jax.random.randint(jax.random.key(7), inputs.shape, 0, SRC_VOCAB)
+  changed = jnp.where(padded, noise, inputs)
+  assert (changed != inputs).any()
+  expected = c.forward(c.variables, inputs, targets, lengths)
+  got = c.forward(c.variables, changed, targets, lengths)
+  # Logits, encoder outputs and final states, decoder state.
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, atol=1e-6), got, expected
+  )
+  _, (outputs, final_state), _ = expected
+  np.testing.assert_array_equal(outputs[padded], 0.0)
+  # An empty source encodes to the zero state.
+  for leaf in jax.tree.leaves(final_state):
+    np.testing.assert_array_equal(leaf[2], 0.0)
+
+
+@variants
+def test_greedy_is_argmax_of_its_own_forward_pass(
+  cell, decoder, bidirectional, overrides
+):
+  c = _compiled(cell, decoder, bidirectional, overrides)
+  inputs, _, lengths = _batch(seed=3)
+  # Lengths default to the number of non-PAD tokens: the same as `lengths`.
+  np.testing.assert_array_equal(
+    seq2seq.source_lengths_from(inputs, PAD), lengths
+  )
+  tokens = c.greedy(c.variables, inputs)
+  assert tokens.shape == (B, T)
+  _assert_pad_after_eos(tokens)
+  logits, _, _ = c.forward(c.variables, inputs, tokens, lengths)
+  argmax = np.asarray(jnp.argmax(logits, axis=-1))
+  for row, best in zip(np.asarray(tokens), argmax, strict=True):
+    upto = _until_eos(row)
+    np.testing.assert_array_equal(row[upto], best[upto])
+
+
+def test_tokens_after_eos_are_pad():
+  c = _compiled(*VARIANTS[0])
+  inputs, _, _ = _batch()
+  params = jax.tree.map(jnp.asarray, c.variables['params'])
+  # EOS is the best token at every step: the first output is EOS and the rest
+  # must be PAD although the model keeps preferring EOS.
+  bias = params['decoder']['output_proj']['bias']
+  params['decoder']['output_proj']['bias'] = bias.at[EOS].add(1e3)
+  tokens = c.greedy({'params': params}, inputs)
+  np.testing.assert_array_equal(tokens[:, 0], EOS)
+  np.testing.assert_array_equal(tokens[:, 1:], PAD)
+
+
+def test_dropout_only_when_training():
+  c = _compiled(*VARIANTS[1])
+  assert c.model.config.dropout_rate > 0
+  inputs, targets, lengths = _batch()
+  forward = jit(functools.partial(c.model.apply, train=True))
+  rngs = lambda seed: {'dropout': jax.random.key(seed)}
+  a = forward(c.variables, inputs, targets, rngs=rngs(0))
+  b = forward(c.variables, inputs, targets, rngs=rngs(0))
+  other = forward(c.variables, inputs, targets, rngs=rngs(1))
+  evaluated, _, _ = c.forward(c.variables, inputs, targets, lengths)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, other)
+  assert not np.allclose(a, evaluated)
+
+
+def test_parameters_carry_logical_axes_and_shard():
+  model = _model('lstm', 'cho', True)
+  specs = nn.get_partition_spec(_abstract_variables(model)['params'])
+  names = set()
+  for path, spec in jax.tree_util.tree_leaves_with_path(specs):
+    assert spec, f'{jax.tree_util.keystr(path)} has no logical axis names'
+    names.update(spec)
+  assert names == {'vocab', 'embed', 'mlp'}
+  mesh = jax.make_mesh((4, 2), ('data', 'model'))
+  rules = (('vocab', 'model'), ('embed', None), ('mlp', 'model'))
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  params = jax.device_put(_init(model)['params'], shardings)
+  kernel = params['decoder']['output_proj']['kernel']
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'model')
+
+
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    (dict(cell='rnn'), r"cell must be one of \['gru', 'lstm'\]"),
+    (dict(decoder='luong2'), r"decoder must be one of \['cho', 'sutskever'\]"),
+    (dict(hidden_dim=0), 'hidden_dim must be an integer >= 1'),
+    (dict(num_layers=1.5), 'num_layers must be an integer >= 1'),
+    (dict(source_vocab_size=0), 'source_vocab_size'),
+    (dict(dropout_rate=1.0), r'dropout_rate must be in \[0, 1\)'),
+    (dict(dropout_rate=-0.1), r'dropout_rate must be in \[0, 1\)'),
+    (dict(max_target_len=0), 'max_target_len'),
+    (dict(unroll=0), 'unroll'),
+    (dict(eos_id=TGT_VOCAB), 'eos_id=12 must be < target_vocab_size'),
+    (dict(bos_id=0), 'must differ'),
+    (dict(bidirectional='yes'), 'bidirectional must be True or False'),
+  ],
+)
+def test_config_validation(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    _config(**overrides)
+
+
+def _reverse_task(seed=0, batch=8, source_len=6):
+  """Sources of lengths 2..source_len; targets reverse them, then EOS."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(2, source_len + 1, batch)
+  inputs = np.full((batch, source_len), PAD, np.int32)
+  targets = np.full((batch, source_len + 1), PAD, np.int32)
+  for row, length in enumerate(lengths):
+    tokens = rng.integers(3, TGT_VOCAB, length)
+    inputs[row, :length] = tokens
+    targets[row, :length] = tokens[::-1]
+    targets[row, length] = EOS
+  return jnp.asarray(inputs), jnp.asarray(targets)
+
+
+@pytest.mark.parametrize('decoder', list(seq2seq.DECODERS))
+def test_overfits_one_batch(decoder):
+  model = _model(
+    'lstm',
+    decoder,
+    True,
+    source_vocab_size=TGT_VOCAB,
+    embed_dim=16,
+    hidden_dim=32,
+    num_layers=1,
+  )
+  inputs, targets = _reverse_task()
+  params = _init(model)['params']
+  optimizer = optax.adam(1e-2)
+  weights = (targets != PAD).astype(jnp.float32)
+
+  def loss_fn(params):
+    logits = model.apply({'params': params}, inputs, targets, train=True)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(losses * weights) / jnp.sum(weights)
+
+  @jit
+  def train_step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = optimizer.init(params)
+  losses = []
+  for _ in range(100):
+    params, opt_state, loss = train_step(params, opt_state)
+    losses.append(loss)
+  losses = np.asarray(losses)
+  assert losses[-1] < 0.1 * losses[0], losses[::10]
+  # The loss ignores what follows EOS; greedy decoding still pads it.
+  greedy = jit(
+    functools.partial(
+      model.apply, method='greedy_decode', max_len=targets.shape[1]
+    )
+  )
+  tokens = greedy({'params': params}, inputs)
+  np.testing.assert_array_equal(tokens, targets)

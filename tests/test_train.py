@@ -1,0 +1,390 @@
+"""The training system end to end, on the tiny addition config."""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from attnjax import cli, train_lib
+from attnjax.training import checkpoints
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configs import addition  # noqa: E402
+
+
+def tiny_config(**overrides):
+  config = addition.get_config('tiny')
+  config.optimizer.schedule = 'constant'
+  config.optimizer.warmup_steps = 0
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split('.')
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def train_losses(workdir) -> dict[int, float]:
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  rows = [json.loads(line) for line in lines]
+  return {r['step']: r['loss'] for r in rows if r['split'] == 'train'}
+
+
+def final_params(workdir):
+  exp, params = train_lib.load_trained(workdir)
+  return jax.device_get(params)
+
+
+def assert_trees_close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny run of 20 steps, shared by the checkpoint-reuse tests."""
+  workdir = tmp_path_factory.mktemp('trained')
+  result = train_lib.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir, result
+
+
+def test_end_to_end_run_writes_everything(trained):
+  workdir, result = trained
+  assert 0.0 <= result['exact_match'] <= 1.0
+  assert result['num_examples'] == 64
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['data']['largest'] == 99
+  steps = sorted(
+    int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()
+  )
+  assert steps == [10, 20]
+  rows = [
+    json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
+  train_steps = [r['step'] for r in rows if r['split'] == 'train']
+  assert train_steps == [5, 10, 15, 20]
+  heldout = [r for r in rows if r['split'] == 'heldout']
+  assert [r['step'] for r in heldout] == [10, 20]
+  assert {'exact_match', 'token_accuracy', 'loss'} <= set(heldout[0])
+  assert {'steps_per_s', 'tokens_per_s', 'loss'} <= set(rows[0])
+  assert list((workdir / 'tensorboard' / 'train').glob('events.out.*'))
+  losses = train_losses(workdir)
+  assert losses[20] < losses[5]  # it learns
+
+
+def test_one_device_equals_eight_devices(tmp_path):
+  runs = {
+    'one': dict(**{'mesh.num_devices': 1}),
+    'data8': dict(**{'mesh.data': 8, 'mesh.model': 1}),
+    'data4_model2': dict(**{'mesh.data': 4, 'mesh.model': 2}),
+  }
+  losses = {}
+  for name, overrides in runs.items():
+    config = tiny_config(
+      num_train_steps=6,
+      log_every_steps=1,
+      eval_every_steps=6,
+      checkpoint_every_steps=6,
+      **overrides,
+    )
+    train_lib.train_and_evaluate(config, str(tmp_path / name))
+    losses[name] = train_losses(tmp_path / name)
+  assert sorted(losses['one']) == list(range(1, 7))
+  for name in ('data8', 'data4_model2'):
+    np.testing.assert_allclose(
+      list(losses[name].values()), list(losses['one'].values()), atol=1e-5
+    )
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+  common = dict(
+    log_every_steps=1, checkpoint_every_steps=4, eval_every_steps=100
+  )
+  train_lib.train_and_evaluate(
+    tiny_config(num_train_steps=16, **common), str(tmp_path / 'straight')
+  )
+  train_lib.train_and_evaluate(
+    tiny_config(num_train_steps=8, **common), str(tmp_path / 'resumed')
+  )
+  train_lib.train_and_evaluate(
+    tiny_config(num_train_steps=16, **common), str(tmp_path / 'resumed')
+  )
+  straight, resumed = (
+    train_losses(tmp_path / 'straight'),
+    train_losses(tmp_path / 'resumed'),
+  )
+  assert sorted(resumed) == list(range(1, 17))  # no step logged twice
+  # Same losses step by step: the resumed run saw the same batches.
+  np.testing.assert_allclose(
+    [resumed[s] for s in range(9, 17)],
+    [straight[s] for s in range(9, 17)],
+    atol=1e-6,
+  )
+  assert_trees_close(
+    final_params(tmp_path / 'resumed'),
+    final_params(tmp_path / 'straight'),
+    atol=1e-6,
+  )
+
+
+def _train_command(workdir, *flags):
+  return [
+    sys.executable,
+    str(ROOT / 'train.py'),
+    f'--config={ROOT / "configs" / "addition.py"}:tiny',
+    f'--workdir={workdir}',
+    *flags,
+  ]
+
+
+def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path):
+  flags = [
+    '--config.num_train_steps=400',
+    '--config.checkpoint_every_steps=5',
+    '--config.log_every_steps=5',
+    '--config.eval_every_steps=1000',
+    '--config.optimizer.schedule=constant',
+  ]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  workdir = tmp_path / 'killed'
+  proc = subprocess.Popen(
+    _train_command(workdir, *flags),
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  mngr_dir = workdir / 'checkpoints'
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    done = (
+      [p for p in mngr_dir.glob('*') if p.name.isdigit()]
+      if (mngr_dir.exists())
+      else []
+    )
+    if len(done) >= 2:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  latest = checkpoints.manager(workdir, read_only=True).latest_step()
+  assert latest is not None and 0 < latest < 400
+  # The killed run's process is gone mid-training; a rerun resumes.
+  subprocess.run(
+    _train_command(workdir, *flags), env=env, check=True, capture_output=True
+  )
+  assert checkpoints.manager(workdir, read_only=True).latest_step() == 400
+  subprocess.run(
+    _train_command(tmp_path / 'straight', *flags),
+    env=env,
+    check=True,
+    capture_output=True,
+  )
+  assert_trees_close(
+    final_params(workdir), final_params(tmp_path / 'straight'), atol=1e-6
+  )
+
+
+def test_checkpoint_from_eight_devices_restores_on_one(tmp_path):
+  config = tiny_config(**{'mesh.data': 4, 'mesh.model': 2})
+  config.num_train_steps = 4
+  config.checkpoint_every_steps = config.eval_every_steps = 4
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  eight = final_params(tmp_path)
+  single = tiny_config(**{'mesh.num_devices': 1})
+  exp = train_lib.Experiment.create(single)
+  mngr = checkpoints.manager(tmp_path, read_only=True)
+  state, step = train_lib.restore_or_init(exp, tmp_path, mngr)
+  assert step == 4
+  leaves = jax.tree.leaves(state.params)
+  assert all(len(x.sharding.device_set) == 1 for x in leaves)
+  assert_trees_close(jax.device_get(state.params), eight, atol=0)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path):
+  train_lib.train_and_evaluate(
+    tiny_config(num_train_steps=4, checkpoint_every_steps=2), str(tmp_path)
+  )
+  # Resume with a learning rate that overflows the parameters at once.
+  config = tiny_config(
+    num_train_steps=40,
+    checkpoint_every_steps=2,
+    **{'optimizer.learning_rate': 1e38},
+  )
+  with pytest.raises(FloatingPointError, match=r'at step \d+') as info:
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  step = int(re.search(r'at step (\d+)', str(info.value)).group(1))
+  latest = checkpoints.manager(tmp_path, read_only=True).latest_step()
+  assert 4 <= latest < step
+  assert f'checkpoint (step {latest}) is kept' in str(info.value)
+  # The kept checkpoint is finite and still loads.
+  params = final_params(tmp_path)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_two_devices(tmp_path):
+  flags = [
+    '--config.num_train_steps=6',
+    '--config.log_every_steps=1',
+    '--config.checkpoint_every_steps=6',
+    '--config.eval_every_steps=6',
+    '--config.optimizer.schedule=constant',
+    '--config.optimizer.warmup_steps=0',
+  ]
+  port = _free_port()
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  procs = [
+    subprocess.Popen(
+      _train_command(
+        tmp_path / 'multi',
+        *flags,
+        f'--coordinator_address=localhost:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ),
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  for proc in procs:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+  config = tiny_config(
+    num_train_steps=6,
+    log_every_steps=1,
+    checkpoint_every_steps=6,
+    eval_every_steps=6,
+    **{'mesh.num_devices': 2},
+  )
+  train_lib.train_and_evaluate(config, str(tmp_path / 'single'))
+  multi, single = (
+    train_losses(tmp_path / 'multi'),
+    train_losses(tmp_path / 'single'),
+  )
+  assert sorted(multi) == list(range(1, 7))
+  np.testing.assert_allclose(
+    list(multi.values()), list(single.values()), atol=1e-5
+  )
+
+
+# ---------------------------------------------------------------------------
+# Command line reuse of a checkpoint.
+
+
+def test_cli_decode_and_evaluate(trained, capsys):
+  workdir, _ = trained
+  assert (
+    cli.main(
+      [
+        'decode',
+        '--workdir',
+        str(workdir),
+        '--input',
+        '12+34',
+        '--input',
+        '9+9',
+      ]
+    )
+    == 0
+  )
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2 and lines[0].startswith('12+34 -> ')
+  assert (
+    cli.main(
+      [
+        'evaluate',
+        '--workdir',
+        str(workdir),
+        '--split',
+        'test',
+        '--num_examples',
+        '20',
+        '--show',
+        '2',
+      ]
+    )
+    == 0
+  )
+  out = capsys.readouterr().out
+  report = json.loads(out[: out.rindex('}') + 1])
+  assert report['num_examples'] == 20 and 0 <= report['exact_match'] <= 1
+
+
+@pytest.mark.parametrize(
+  'text, message',
+  [('12*34', "'\\*'"), ('', 'empty'), ('1234567+1', 'long')],
+)
+def test_cli_decode_bad_input(trained, capsys, text, message):
+  workdir, _ = trained
+  assert cli.main(['decode', '--workdir', str(workdir), '--input', text]) == 2
+  err = capsys.readouterr().err
+  assert 'error' in err
+  assert re.search(message, err), err
+
+
+def test_cli_missing_workdir(tmp_path, capsys):
+  missing = tmp_path / 'nope'
+  assert cli.main(['evaluate', '--workdir', str(missing)]) == 2
+  assert 'does not exist' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Bad configs fail before anything is compiled.
+
+
+def test_unknown_config_field_suggests_close_match(tmp_path):
+  result = subprocess.run(
+    _train_command(tmp_path, '--config.batch_sise=3'),
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode != 0
+  assert 'Did you mean "batch_size"' in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    ({'batch_size': 0}, 'batch_size'),
+    ({'optimizer.learning_rate': -1.0}, 'learning_rate'),
+    ({'optimizer.schedule': 'cosin'}, 'schedule'),
+    ({'label_smoothing': 1.0}, 'label_smoothing'),
+    ({'mesh.data': 3}, 'mesh data=3'),
+    ({'batch_size': 12, 'mesh.data': 8}, 'not divisible'),
+    ({'mesh.num_devices': 9}, 'num_devices=9'),
+    ({'data.largest': 0}, 'largest'),
+    ({'model.cell': 'lstmm'}, 'cell'),
+  ],
+)
+def test_bad_config_values(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    train_lib.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+
+
+def test_workdir_of_a_different_model_is_refused(trained, tmp_path):
+  workdir, _ = trained
+  config = tiny_config(**{'model.hidden_dim': 32})
+  with pytest.raises(ValueError, match='model.hidden_dim: 16 -> 32'):
+    train_lib.train_and_evaluate(config, str(workdir))
