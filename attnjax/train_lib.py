@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from attnjax.data import pipeline, synthetic, vocab as vocab_lib
+from attnjax.data import pipeline, synthetic
+from attnjax.data import vocab as vocab_lib
 from attnjax.models import seq2seq
 from attnjax.training import checkpoints, metrics, optim, sharding
 

@@ -64,7 +64,8 @@ def make_mesh(data: int, model: int, num_devices: int = 0) -> Mesh:
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   """Drops mesh axes that do not divide their dim."""
   fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * len(shape)):
+  padded = tuple(spec) + (None,) * (len(shape) - len(spec))
+  for dim, axes in zip(shape, padded, strict=True):
     names = (axes,) if isinstance(axes, str) else (axes or ())
     size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
     fitted.append(axes if dim % size == 0 else None)
