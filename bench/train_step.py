@@ -1,0 +1,99 @@
+"""Train-step throughput of a config, sharded jit vs plain jit.
+
+  python bench/train_step.py --config=configs/addition.py [--steps=50]
+      [--config.batch_size=...]
+
+Prints steps/s and target tokens/s of `train_lib.make_train_step` (jit with
+in/out shardings over the config's mesh, donated state) and of a plain
+`jax.jit` of the same step function on one device, measured in alternating
+rounds so machine noise hits both alike.
+"""
+
+import functools
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from attnjax import train_lib
+from attnjax.data import vocab as vocab_lib
+from attnjax.training import sharding
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py.')
+_STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per round.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds.')
+flags.mark_flag_as_required('config')
+
+
+def _time_steps(step_fn, state, batches, rng, steps):
+  start = time.perf_counter()
+  for i in range(steps):
+    state, sums = step_fn(state, batches[i % len(batches)], rng)
+  jax.block_until_ready(state)
+  return state, time.perf_counter() - start, float(sums['tokens'])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  exp = train_lib.Experiment.create(config)
+  iterator = exp.train_iterator()
+  local = [next(iterator) for _ in range(4)]
+  tokens = float(np.mean([(b['targets'] != vocab_lib.PAD_ID).sum()
+                          for b in local]))
+  rng = jax.random.key(0)
+
+  sharded_fn = train_lib.make_train_step(exp)
+  plain_fn = jax.jit(
+    functools.partial(
+      train_lib.train_step, model=exp.model, pad_id=vocab_lib.PAD_ID,
+      label_smoothing=config.label_smoothing,
+    ),
+    donate_argnums=0,
+  )
+  with jax.set_mesh(exp.mesh):
+    sharded_batches = [sharding.global_batch(b, exp.mesh) for b in local]
+    sharded_state = exp.init_state(rng)
+  plain_state = jax.device_put(jax.device_get(sharded_state),
+                               jax.devices()[0])
+  plain_batches = [jax.device_put(b, jax.devices()[0]) for b in local]
+
+  # Compile and warm up both.
+  sharded_state, _, _ = _time_steps(sharded_fn, sharded_state,
+                                    sharded_batches, rng, 2)
+  plain_state, _, _ = _time_steps(plain_fn, plain_state, plain_batches, rng, 2)
+  times = {'sharded jit': [], 'plain jit': []}
+  for _ in range(_ROUNDS.value):
+    sharded_state, t, _ = _time_steps(sharded_fn, sharded_state,
+                                      sharded_batches, rng, _STEPS.value)
+    times['sharded jit'].append(t / _STEPS.value)
+    if exp.mesh.size == 1:
+      plain_state, t, _ = _time_steps(plain_fn, plain_state, plain_batches,
+                                      rng, _STEPS.value)
+      times['plain jit'].append(t / _STEPS.value)
+
+  print(f'jax {jax.__version__}, {jax.devices()[0].platform} x '
+        f'{len(jax.devices())}, mesh {dict(exp.mesh.shape)}')
+  print(f'config: {config.model.decoder} {config.model.cell} '
+        f'hidden {config.model.hidden_dim}, batch {config.batch_size}, '
+        f'{tokens:.0f} target tokens/batch')
+  print()
+  print('| step | median s/step | steps/s | target tokens/s |')
+  print('|---|---|---|---|')
+  for name, values in times.items():
+    if not values:
+      continue
+    median = statistics.median(values)
+    print(f'| {name} | {median:.4f} | {1 / median:.1f} | '
+          f'{tokens / median:,.0f} |')
+  if times['plain jit']:
+    ratio = statistics.median(times['sharded jit']) / statistics.median(
+      times['plain jit'])
+    print(f'\nsharded / plain time: {ratio:.3f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
