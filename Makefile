@@ -15,9 +15,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
+# The main job: train the default addition model from scratch, then show its
+# held-out exact match and a few predictions.
+RUN_DIR ?= workdirs/addition
 run: $(STAMP)
-	@echo 'make run: the training job arrives with the training system (train.py,'
-	@echo 'configs/). Until then `make test` is the way to see attnjax work.'
+	rm -rf $(RUN_DIR)
+	$(PY) train.py --config=configs/addition.py --workdir=$(RUN_DIR)
+	$(VENV)/bin/attnjax evaluate --workdir $(RUN_DIR) --show 8
+	$(VENV)/bin/attnjax decode --workdir $(RUN_DIR) --input '123+456' \
+	  --input '999+999' --input '7+8'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check attnjax tests bench

@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from attnjax import train_lib
+from attnjax.training import checkpoints
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a configs/*.py file.', lock_config=True
@@ -38,6 +39,7 @@ def main(argv):
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
   logging.set_verbosity(logging.INFO)
+  checkpoints.quiet_orbax_logs()
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

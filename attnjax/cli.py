@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING)
   # Imported late so that `attnjax --help` is instant.
   from attnjax import train_lib
+  from attnjax.training import checkpoints
+
+  checkpoints.quiet_orbax_logs(logging.ERROR)
 
   try:
     exp, params = train_lib.load_trained(args.workdir)

@@ -112,8 +112,7 @@ def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
 def save_or_check_config(config: ml_collections.ConfigDict, workdir) -> None:
   """Saves the config beside the checkpoints, or checks it matches them."""
   path = pathlib.Path(workdir) / CONFIG_FILE
-  has_checkpoint = checkpoints.manager(workdir, read_only=True).latest_step()
-  if path.exists() and has_checkpoint is not None:
+  if path.exists() and checkpoints.latest_step(workdir) is not None:
     saved = _flat(json.loads(path.read_text()))
     current = _flat(json.loads(config.to_json_best_effort()))
     differ = sorted(

@@ -42,14 +42,17 @@ def main(argv):
   exp = train_lib.Experiment.create(config)
   iterator = exp.train_iterator()
   local = [next(iterator) for _ in range(4)]
-  tokens = float(np.mean([(b['targets'] != vocab_lib.PAD_ID).sum()
-                          for b in local]))
+  tokens = float(
+    np.mean([(b['targets'] != vocab_lib.PAD_ID).sum() for b in local])
+  )
   rng = jax.random.key(0)
 
   sharded_fn = train_lib.make_train_step(exp)
   plain_fn = jax.jit(
     functools.partial(
-      train_lib.train_step, model=exp.model, pad_id=vocab_lib.PAD_ID,
+      train_lib.train_step,
+      model=exp.model,
+      pad_id=vocab_lib.PAD_ID,
       label_smoothing=config.label_smoothing,
     ),
     donate_argnums=0,
@@ -57,29 +60,35 @@ def main(argv):
   with jax.set_mesh(exp.mesh):
     sharded_batches = [sharding.global_batch(b, exp.mesh) for b in local]
     sharded_state = exp.init_state(rng)
-  plain_state = jax.device_put(jax.device_get(sharded_state),
-                               jax.devices()[0])
+  plain_state = jax.device_put(jax.device_get(sharded_state), jax.devices()[0])
   plain_batches = [jax.device_put(b, jax.devices()[0]) for b in local]
 
   # Compile and warm up both.
-  sharded_state, _, _ = _time_steps(sharded_fn, sharded_state,
-                                    sharded_batches, rng, 2)
+  sharded_state, _, _ = _time_steps(
+    sharded_fn, sharded_state, sharded_batches, rng, 2
+  )
   plain_state, _, _ = _time_steps(plain_fn, plain_state, plain_batches, rng, 2)
   times = {'sharded jit': [], 'plain jit': []}
   for _ in range(_ROUNDS.value):
-    sharded_state, t, _ = _time_steps(sharded_fn, sharded_state,
-                                      sharded_batches, rng, _STEPS.value)
+    sharded_state, t, _ = _time_steps(
+      sharded_fn, sharded_state, sharded_batches, rng, _STEPS.value
+    )
     times['sharded jit'].append(t / _STEPS.value)
     if exp.mesh.size == 1:
-      plain_state, t, _ = _time_steps(plain_fn, plain_state, plain_batches,
-                                      rng, _STEPS.value)
+      plain_state, t, _ = _time_steps(
+        plain_fn, plain_state, plain_batches, rng, _STEPS.value
+      )
       times['plain jit'].append(t / _STEPS.value)
 
-  print(f'jax {jax.__version__}, {jax.devices()[0].platform} x '
-        f'{len(jax.devices())}, mesh {dict(exp.mesh.shape)}')
-  print(f'config: {config.model.decoder} {config.model.cell} '
-        f'hidden {config.model.hidden_dim}, batch {config.batch_size}, '
-        f'{tokens:.0f} target tokens/batch')
+  print(
+    f'jax {jax.__version__}, {jax.devices()[0].platform} x '
+    f'{len(jax.devices())}, mesh {dict(exp.mesh.shape)}'
+  )
+  print(
+    f'config: {config.model.decoder} {config.model.cell} '
+    f'hidden {config.model.hidden_dim}, batch {config.batch_size}, '
+    f'{tokens:.0f} target tokens/batch'
+  )
   print()
   print('| step | median s/step | steps/s | target tokens/s |')
   print('|---|---|---|---|')
@@ -87,11 +96,13 @@ def main(argv):
     if not values:
       continue
     median = statistics.median(values)
-    print(f'| {name} | {median:.4f} | {1 / median:.1f} | '
-          f'{tokens / median:,.0f} |')
+    print(
+      f'| {name} | {median:.4f} | {1 / median:.1f} | {tokens / median:,.0f} |'
+    )
   if times['plain jit']:
     ratio = statistics.median(times['sharded jit']) / statistics.median(
-      times['plain jit'])
+      times['plain jit']
+    )
     print(f'\nsharded / plain time: {ratio:.3f}')
 
 

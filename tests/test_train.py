@@ -388,3 +388,16 @@ def test_workdir_of_a_different_model_is_refused(trained, tmp_path):
   config = tiny_config(**{'model.hidden_dim': 32})
   with pytest.raises(ValueError, match='model.hidden_dim: 16 -> 32'):
     train_lib.train_and_evaluate(config, str(workdir))
+
+
+def test_reverse_config_trains_and_decodes(tmp_path):
+  from configs import reverse
+
+  config = reverse.get_config('tiny')
+  config.num_train_steps = config.checkpoint_every_steps = 4
+  config.eval_every_steps = 4
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert result['num_examples'] == 64
+  exp, params = train_lib.load_trained(tmp_path)
+  (output,) = train_lib.decode(exp, params, ['abcd'])
+  assert set(output) <= set(exp.task.vocab.alphabet)

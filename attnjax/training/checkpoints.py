@@ -18,6 +18,25 @@ import orbax.checkpoint as ocp
 CHECKPOINT_DIR = 'checkpoints'
 
 
+class _OrbaxBelow(logging.Filter):
+  """Drops Orbax's records below a level (it logs every save step at INFO)."""
+
+  def __init__(self, level: int):
+    super().__init__()
+    self.level = level
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= self.level or 'orbax' not in record.pathname
+
+
+def quiet_orbax_logs(level: int = logging.WARNING) -> None:
+  """Keeps Orbax's logs below `level` off the console (absl's logger)."""
+  logger = logging.getLogger('absl')
+  for existing in [f for f in logger.filters if isinstance(f, _OrbaxBelow)]:
+    logger.removeFilter(existing)
+  logger.addFilter(_OrbaxBelow(level))
+
+
 def manager(
   workdir: str | pathlib.Path,
   *,
@@ -28,10 +47,18 @@ def manager(
     max_to_keep=max_to_keep,
     create=not read_only,
     read_only=read_only,
+    save_interval_steps=0 if read_only else 1,
     enable_async_checkpointing=True,
   )
   directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
   return ocp.CheckpointManager(directory, options=options)
+
+
+def latest_step(workdir: str | pathlib.Path) -> int | None:
+  """The latest complete checkpoint step in `workdir`, or None."""
+  if not (pathlib.Path(workdir) / CHECKPOINT_DIR).is_dir():
+    return None
+  return manager(workdir, read_only=True).latest_step()
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator) -> None:

@@ -1,0 +1,26 @@
+"""String reversal, lengths 20-30 over a-z: 'abc...' -> '...cba'.
+
+A task where attention-free decoders struggle (the first output token needs
+the last input token), so the attention decoders' alignments are easy to read.
+"""
+
+import string
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  base.check_variant(variant)
+  config = base.get_base_config()
+  config.data.task = 'reverse'  # attnjax.data.synthetic task name.
+  config.data.alphabet = string.ascii_lowercase  # Characters of the strings.
+  config.data.min_len = 20  # Shortest string.
+  config.data.max_len = 30  # Longest string.
+  config.model.bidirectional = True
+  config.model.hidden_dim = 256
+  if variant == 'tiny':
+    base.make_tiny(config)
+    config.data.min_len, config.data.max_len = 3, 6
+  return config
