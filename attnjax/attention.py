@@ -462,12 +462,20 @@ def local_window_mask(centers: Array, num_keys: int, width: int) -> Array:
   """
   if width < 0:
     raise ValueError(f'local attention window D must be >= 0; got {width}.')
+  _checks.assert_min_rank(
+    centers, 1, 'local_window_mask: centers', '[..., q_len]'
+  )
   positions = jnp.arange(num_keys, dtype=jnp.float32)
   return jnp.abs(positions - centers[..., None].astype(jnp.float32)) <= width
 
 
 def gaussian_window(centers: Array, num_keys: int, sigma: float) -> Array:
   """exp(-(s - p_t)^2 / (2 sigma^2)) for every key s: `[..., q_len, k_len]`."""
+  _checks.assert_min_rank(
+    centers, 1, 'gaussian_window: centers', '[..., q_len]'
+  )
+  if sigma <= 0:
+    raise ValueError(f'gaussian_window: sigma must be > 0; got {sigma}.')
   positions = jnp.arange(num_keys, dtype=jnp.float32)
   distance = positions - centers[..., None].astype(jnp.float32)
   return jnp.exp(-jnp.square(distance) / (2.0 * sigma**2))
@@ -542,6 +550,18 @@ def local_attention(
 # Monotonic attention (Raffel et al. 2017).
 
 
+def _check_alignment_inputs(p_choose: Array, prev: Array, name: str) -> None:
+  _checks.assert_min_rank(p_choose, 1, f'{name}: p_choose', '[..., k_len]')
+  _checks.assert_float(
+    p_choose, prev, names=(f'{name}: p_choose', f'{name}: prev_alignment')
+  )
+  if prev.shape[-1:] != p_choose.shape[-1:]:
+    raise ValueError(
+      f'{name}: prev_alignment {prev.shape} and p_choose {p_choose.shape} '
+      'must cover the same keys (last dim).'
+    )
+
+
 def choose_probabilities(
   energy: Array, *, noise_std: float = 0.0, rng: Array | None = None
 ) -> Array:
@@ -550,6 +570,7 @@ def choose_probabilities(
   The pre-sigmoid noise pushes training towards near-binary probabilities, so
   the expected alignment matches the hard alignment used at test time.
   """
+  _checks.assert_float(energy, names=('choose_probabilities: energy',))
   energy = energy.astype(jnp.float32)
   if rng is not None and noise_std > 0:
     energy = energy + noise_std * jax.random.normal(rng, energy.shape)
@@ -595,6 +616,7 @@ def monotonic_alignment(
     float32 `[..., k_len]`, summing to at most 1 (the rest is the probability
     of attending to nothing).
   """
+  _check_alignment_inputs(p_choose, prev_alignment, 'monotonic_alignment')
   p = p_choose.astype(jnp.float32)
   prev = jnp.broadcast_to(prev_alignment.astype(jnp.float32), p.shape)
   # decay_j = 1 - p_{j-1}; decay_0 is irrelevant (q_{-1} = 0).
@@ -638,6 +660,7 @@ def hard_monotonic_alignment(
   Returns:
     float32 one-hot (or zero) `[..., k_len]`.
   """
+  _check_alignment_inputs(p_choose, prev_alignment, 'hard_monotonic_alignment')
   reached = jnp.cumsum(prev_alignment, axis=-1) > 0
   eligible = reached & (p_choose >= 0.5)
   if mask is not None:
@@ -648,6 +671,8 @@ def hard_monotonic_alignment(
 
 def initial_alignment(shape: tuple[int, ...], dtype=jnp.float32) -> Array:
   """alpha_0 of monotonic attention, all mass on key 0; `shape` [..., k_len]."""
+  if not shape or shape[-1] < 1:
+    raise ValueError(f'initial_alignment needs k_len >= 1; got shape {shape}.')
   return jnp.zeros(shape, dtype).at[..., 0].set(1)
 
 
@@ -680,6 +705,10 @@ def monotonic_weights(
   Returns:
     float32 `[..., q_len, k_len]`.
   """
+  _checks.assert_min_rank(
+    p_choose, 2, 'monotonic_weights: p_choose', '[..., q_len, k_len]'
+  )
+  _checks.assert_float(p_choose, names=('monotonic_weights: p_choose',))
   p = p_choose.astype(jnp.float32)
   if mask is not None:
     _checks.check_mask(mask, p.shape)
@@ -736,6 +765,7 @@ def monotonic_attention(
 
 def uniform_alignment(mask: Array) -> Array:
   """Weights spread evenly over the allowed keys of `mask [..., k_len]`."""
+  _checks.check_mask(mask, jnp.shape(mask))
   return masks.masked_softmax(jnp.zeros(mask.shape, jnp.float32), mask)
 
 

@@ -49,6 +49,8 @@ def combine(*masks: Array | None) -> Array | None:
   present = [m for m in masks if m is not None]
   if not present:
     return None
+  for m in present:
+    _checks.check_mask(m, jnp.broadcast_shapes(*(x.shape for x in present)))
   out = present[0]
   for m in present[1:]:
     out = jnp.logical_and(out, m)

@@ -10,7 +10,9 @@ rounds so machine noise hits both alike.
 """
 
 import functools
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -21,6 +23,9 @@ from ml_collections import config_flags
 from attnjax import train_lib
 from attnjax.data import vocab as vocab_lib
 from attnjax.training import sharding
+
+# configs/*.py import `configs.base`; make the repository root importable.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py.')
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per round.')

@@ -401,3 +401,24 @@ def test_reverse_config_trains_and_decodes(tmp_path):
   exp, params = train_lib.load_trained(tmp_path)
   (output,) = train_lib.decode(exp, params, ['abcd'])
   assert set(output) <= set(exp.task.vocab.alphabet)
+
+
+def test_init_from_takes_parameters_only(trained, tmp_path):
+  source, _ = trained
+  config = tiny_config(init_from=str(source),
+                       **{'optimizer.learning_rate': 1e-4})
+  exp = train_lib.Experiment.create(config)
+  state, step = train_lib.restore_or_init(
+    exp, tmp_path, checkpoints.manager(tmp_path)
+  )
+  assert step == 0 and int(state.step) == 0  # a fresh run ...
+  assert_trees_close(jax.device_get(state.params), final_params(source),
+                     atol=0)  # ... from the trained parameters
+  assert all(float(abs(x).max()) == 0.0  # and a fresh optimiser state
+             for x in jax.tree.leaves(state.opt_state) if x.ndim)
+
+
+def test_init_from_without_checkpoint_is_an_error(tmp_path):
+  config = tiny_config(init_from=str(tmp_path / 'empty'))
+  with pytest.raises(FileNotFoundError, match='holds no checkpoint'):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -1,0 +1,449 @@
+"""Greedy and beam search against exhaustive enumeration and a reference.
+
+The toy model's next-token distribution is a fixed random table indexed by a
+hash of the whole prefix, which the state carries as a `[rows, max_len]`
+history buffer: a beam whose state is not reordered along its back-pointers
+reads the wrong row of the table, so every comparison below also tests the
+state handling. PAD and BOS have probability 0, so with max_len 4 the
+sequences over {EOS, a, b} can all be listed and scored.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnjax import decoding
+from attnjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
+
+HASH_SIZE = 631  # > 5**4, so prefixes of the enumerated model never collide.
+TINY = np.finfo(np.float32).tiny
+
+
+def _log_softmax(x):
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+class ToyModel:
+  """Random next-token (and attention) tables indexed by the prefix."""
+
+  def __init__(
+    self, seed, rows, max_len, vocab=5, eos_bias=0.0, src_len=3, src_pad=0
+  ):
+    rng = np.random.default_rng(seed)
+    logits = 2.0 * rng.normal(size=(rows, HASH_SIZE, vocab))
+    logits[..., EOS_ID] += eos_bias
+    logits[..., [PAD_ID, BOS_ID]] = -np.inf
+    self.table = _log_softmax(logits).astype(np.float32)
+    attention = np.exp(rng.normal(size=(rows, HASH_SIZE, src_len)))
+    attention[..., src_len - src_pad :] = 0.0  # Padded source positions.
+    attention /= attention.sum(-1, keepdims=True)
+    self.attention = attention.astype(np.float32)
+    self.source_mask = np.arange(src_len) < src_len - src_pad
+    self.source_mask = np.broadcast_to(self.source_mask, (rows, src_len))
+    self.weights = np.array([pow(vocab, i, HASH_SIZE) for i in range(max_len)])
+    self.rows, self.max_len, self.vocab = rows, max_len, vocab
+
+  # The model as the searches see it.
+
+  def init_state(self):
+    return {
+      'row': jnp.arange(self.rows),
+      'pos': jnp.zeros(self.rows, jnp.int32),
+      'history': jnp.zeros((self.rows, self.max_len), jnp.int32),
+      'code': jnp.zeros(self.rows, jnp.int32),
+    }
+
+  def step_fn(self, tokens, state):
+    history = state['history'].at[jnp.arange(tokens.shape[0]), state['pos']]
+    history = history.set(tokens)
+    code = (history * jnp.asarray(self.weights)).sum(-1) % HASH_SIZE
+    log_probs = jnp.asarray(self.table)[state['row'], code]
+    state = dict(state, pos=state['pos'] + 1, history=history, code=code)
+    return log_probs, state
+
+  def attention_fn(self, state):
+    return jnp.asarray(self.attention)[state['row'], state['code']]
+
+  # The same model in numpy, for the oracles.
+
+  def _code(self, tokens):
+    inputs = (BOS_ID, *tokens)
+    return int(np.dot(inputs, self.weights[: len(inputs)]) % HASH_SIZE)
+
+  def next_log_probs(self, row, tokens):
+    return self.table[row, self._code(tokens)].astype(np.float64)
+
+  def hypothesis(self, row, tokens, alpha=0.0, coverage_weight=0.0):
+    """(score, log_prob, tokens, attention [len, src]) of a full sequence."""
+    log_prob = sum(
+      self.next_log_probs(row, tokens[:t])[y] for t, y in enumerate(tokens)
+    )
+    attention = np.stack(
+      [self.attention[row, self._code(tokens[:t])] for t in range(len(tokens))]
+    )
+    score = log_prob / ((5 + len(tokens)) / 6) ** alpha
+    coverage = np.log(np.clip(attention.sum(0), TINY, 1.0))
+    score += coverage_weight * coverage[self.source_mask[row]].sum()
+    return score, log_prob, tuple(tokens), attention
+
+
+def enumerate_nbest(model, row, n, **penalties):
+  """The n best of ALL sequences: ended ones first, then truncated ones."""
+  letters = range(EOS_ID + 1, model.vocab)
+  ended = [
+    (*body, EOS_ID)
+    for length in range(model.max_len)
+    for body in itertools.product(letters, repeat=length)
+  ]
+  truncated = list(itertools.product(letters, repeat=model.max_len))
+  ranked = [
+    sorted(
+      (model.hypothesis(row, seq, **penalties) for seq in group),
+      key=lambda h: -h[0],
+    )
+    for group in (ended, truncated)
+  ]
+  return (ranked[0] + ranked[1])[:n]
+
+
+def reference_nbest(model, row, beam, n, **penalties):
+  """Plain beam search in numpy that always runs max_len steps."""
+  live, ended = [((), 0.0)], []
+  for _ in range(model.max_len):
+    candidates = [
+      (log_prob + lp, k * model.vocab + y, (*tokens, y))
+      for k, (tokens, log_prob) in enumerate(live)
+      for y, lp in enumerate(model.next_log_probs(row, tokens))
+      if np.isfinite(lp)
+    ]
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    ended += [c[2] for c in candidates[:beam] if c[2][-1] == EOS_ID]
+    live = [(c[2], c[0]) for c in candidates if c[2][-1] != EOS_ID][:beam]
+
+  def best(group):
+    hyps = [model.hypothesis(row, seq, **penalties) for seq in group]
+    return sorted(hyps, key=lambda h: -h[0])
+
+  return (best(ended)[:n] + best([t for t, _ in live]))[:n]
+
+
+def assert_matches(result, expected_per_row, max_len):
+  """`result` (a BeamResult) holds the expected hypotheses of every row."""
+  for row, expected in enumerate(expected_per_row):
+    scores, log_probs, tokens, attention = zip(*expected, strict=True)
+    np.testing.assert_array_equal(
+      result.tokens[row],
+      [t + (PAD_ID,) * (max_len - len(t)) for t in tokens],
+      err_msg=f'row {row}',
+    )
+    np.testing.assert_array_equal(result.lengths[row], [len(t) for t in tokens])
+    np.testing.assert_allclose(result.scores[row], scores, rtol=1e-5)
+    np.testing.assert_allclose(result.log_probs[row], log_probs, rtol=1e-5)
+    if result.attention is not None:
+      padded = [np.pad(a, ((0, max_len - len(a)), (0, 0))) for a in attention]
+      np.testing.assert_allclose(result.attention[row], padded, atol=1e-6)
+
+
+def run_beam(model, with_attention=False, **kwargs):
+  kwargs = dict(batch_size=model.rows, max_len=model.max_len, **kwargs)
+  if with_attention:
+    kwargs.update(
+      attention_fn=model.attention_fn,
+      source_mask=jnp.asarray(model.source_mask),
+    )
+  search = functools.partial(decoding.beam_search, model.step_fn, **kwargs)
+  return jax.jit(search)(model.init_state())
+
+
+def run_greedy(model):
+  search = functools.partial(
+    decoding.greedy_search,
+    model.step_fn,
+    batch_size=model.rows,
+    max_len=model.max_len,
+  )
+  return jax.jit(search)(model.init_state())
+
+
+def counting_steps(step_fn):
+  """`step_fn` that records, on the host, how often the loop called it."""
+  calls = []
+
+  def step(tokens, state):
+    jax.debug.callback(lambda: calls.append(1))
+    return step_fn(tokens, state)
+
+  return step, calls
+
+
+# With max_len 4 and two letters at most 3 * 2**3 candidates have a non-zero
+# probability at any step, so a beam of 24 never drops one: exhaustive.
+EXHAUSTIVE_BEAM = 24
+
+
+@pytest.mark.parametrize('alpha', [0.0, 0.6, 2.0])
+def test_beam_search_returns_the_enumerated_nbest(alpha):
+  model = ToyModel(seed=1, rows=3, max_len=4)
+  result = run_beam(model, beam_size=EXHAUSTIVE_BEAM, num_return=6, alpha=alpha)
+  expected = [enumerate_nbest(model, r, 6, alpha=alpha) for r in range(3)]
+  assert_matches(result, expected, model.max_len)
+  assert result.attention is None
+
+
+def test_length_penalty_changes_the_enumerated_nbest():
+  # Guards the test above: with this seed alpha changes the 6-best.
+  model = ToyModel(seed=1, rows=3, max_len=4)
+  nbest = [
+    [
+      [h[2] for h in enumerate_nbest(model, r, 6, alpha=alpha)]
+      for r in range(3)
+    ]
+    for alpha in (0.0, 0.6, 2.0)
+  ]
+  assert nbest[0] != nbest[1] != nbest[2]
+
+
+def test_coverage_penalty_and_attention_match_enumeration():
+  model = ToyModel(seed=1, rows=2, max_len=4, src_len=4, src_pad=1)
+  penalties = dict(alpha=0.6, coverage_weight=0.8)
+  result = run_beam(
+    model, True, beam_size=EXHAUSTIVE_BEAM, num_return=5, **penalties
+  )
+  expected = [enumerate_nbest(model, r, 5, **penalties) for r in range(2)]
+  assert_matches(result, expected, model.max_len)
+  assert result.attention.shape == (2, 5, model.max_len, 4)
+
+
+def test_coverage_penalty_prefers_the_hypothesis_that_covers_the_source():
+  a, b = EOS_ID + 1, EOS_ID + 2
+  first = jnp.log(jnp.array([0.0, 0.0, 0.0, 0.6, 0.4]))  # a or b
+  then = jnp.log(jnp.array([0.0, 0.0, 1.0, 0.0, 0.0]))  # EOS
+
+  def step_fn(tokens, state):
+    return jnp.where(tokens[:, None] == BOS_ID, first, then), tokens
+
+  def attention_fn(last_token):
+    # Every step looks at source position 0, except the one after b.
+    return jax.nn.one_hot((last_token == b).astype(jnp.int32), 2)
+
+  def search(weight):
+    return decoding.beam_search(
+      step_fn,
+      jnp.zeros(1, jnp.int32),
+      batch_size=1,
+      beam_size=2,
+      max_len=3,
+      coverage_weight=weight,
+      attention_fn=attention_fn,
+    )
+
+  plain, covered = search(0.0), jax.jit(search, static_argnums=0)(0.1)
+  a_eos, b_eos = [a, EOS_ID, PAD_ID], [b, EOS_ID, PAD_ID]
+  np.testing.assert_array_equal(plain.tokens[0], [a_eos, b_eos])
+  np.testing.assert_array_equal(covered.tokens[0], [b_eos, a_eos])
+  # b EOS covers both positions (no penalty); a EOS never looks at position 1.
+  np.testing.assert_allclose(covered.scores[0, 0], np.log(0.4), rtol=1e-6)
+  assert covered.scores[0, 1] < plain.scores[0, 0] - 1.0
+  np.testing.assert_array_equal(
+    covered.attention[0], [[[1, 0], [0, 1], [0, 0]], [[1, 0], [1, 0], [0, 0]]]
+  )
+
+
+@pytest.mark.parametrize(
+  'seed,max_len,eos_bias,beam,num_return,alpha,coverage_weight',
+  [
+    (2, 6, 0.0, 2, 2, 0.0, 0.0),
+    (3, 6, 0.0, 4, 3, 0.6, 0.0),
+    (4, 6, -3.0, 3, 3, 1.0, 0.5),  # few endings: the fill from live beams
+    (5, 30, 2.0, 3, 2, 0.0, 0.0),  # many endings: early stop
+    (6, 30, 2.0, 3, 3, 0.6, 0.0),
+    (7, 30, 2.0, 2, 2, 0.6, 0.3),
+  ],
+)
+def test_beam_search_matches_a_reference_run_to_max_len(
+  seed, max_len, eos_bias, beam, num_return, alpha, coverage_weight
+):
+  model = ToyModel(seed, rows=4, max_len=max_len, vocab=7, eos_bias=eos_bias)
+  step_fn, calls = counting_steps(model.step_fn)
+  penalties = dict(alpha=alpha, coverage_weight=coverage_weight)
+  result = jax.jit(
+    functools.partial(
+      decoding.beam_search,
+      step_fn,
+      batch_size=model.rows,
+      beam_size=beam,
+      max_len=max_len,
+      num_return=num_return,
+      attention_fn=model.attention_fn,
+      **penalties,
+    )
+  )(model.init_state())
+  jax.effects_barrier()
+  expected = [
+    reference_nbest(model, r, beam, num_return, **penalties) for r in range(4)
+  ]
+  assert_matches(result, expected, max_len)
+  if max_len == 30:
+    assert len(calls) < max_len  # it did stop early, and changed nothing
+
+
+def test_unfinished_hypotheses_fill_the_nbest():
+  model = ToyModel(seed=8, rows=2, max_len=4, eos_bias=-np.inf)
+  result = run_beam(model, beam_size=16, num_return=5, alpha=0.6)
+  expected = [enumerate_nbest(model, r, 5, alpha=0.6) for r in range(2)]
+  assert_matches(result, expected, model.max_len)
+  np.testing.assert_array_equal(result.lengths, 4)
+
+
+def test_slots_without_a_hypothesis_are_empty():
+  # Only one sequence has a non-zero probability: EOS at once.
+  def step_fn(tokens, state):
+    return jnp.log(jax.nn.one_hot(jnp.full_like(tokens, EOS_ID), 5)), state
+
+  result = decoding.beam_search(
+    step_fn, jnp.zeros(2), batch_size=2, beam_size=3, max_len=4
+  )
+  np.testing.assert_array_equal(result.tokens[:, 0], [[EOS_ID, 0, 0, 0]] * 2)
+  np.testing.assert_array_equal(result.tokens[:, 1:], PAD_ID)
+  np.testing.assert_array_equal(result.lengths, [[1, 0, 0]] * 2)
+  np.testing.assert_array_equal(result.scores[:, 1:], -np.inf)
+
+
+@pytest.mark.parametrize('seed', [9, 10])
+def test_beam_size_one_equals_greedy(seed):
+  model = ToyModel(seed, rows=5, max_len=8, vocab=7)
+  beam = run_beam(model, beam_size=1)
+  greedy = run_greedy(model)
+  assert len(set(np.asarray(greedy.lengths))) > 1
+  np.testing.assert_array_equal(beam.tokens[:, 0], greedy.tokens)
+  np.testing.assert_array_equal(beam.lengths[:, 0], greedy.lengths)
+  np.testing.assert_allclose(beam.scores[:, 0], greedy.scores, rtol=1e-6)
+  np.testing.assert_allclose(beam.log_probs[:, 0], greedy.scores, rtol=1e-6)
+
+
+def test_greedy_search_follows_the_argmax_path():
+  model = ToyModel(seed=11, rows=6, max_len=7, vocab=6, eos_bias=0.5)
+  result = run_greedy(model)
+  for row in range(model.rows):
+    tokens, log_prob = [], 0.0
+    while len(tokens) < model.max_len and EOS_ID not in tokens:
+      log_probs = model.next_log_probs(row, tuple(tokens))
+      tokens.append(int(np.argmax(log_probs)))
+      log_prob += log_probs[tokens[-1]]
+    padded = tokens + [PAD_ID] * (model.max_len - len(tokens))
+    np.testing.assert_array_equal(result.tokens[row], padded)
+    assert result.lengths[row] == len(tokens)
+    np.testing.assert_allclose(result.scores[row], log_prob, rtol=1e-6)
+
+
+def _ends_at_row_index(tokens, state):
+  """Row r produces r letters, then EOS."""
+  letter = jax.nn.one_hot(jnp.full_like(tokens, EOS_ID + 1), 5)
+  eos = jax.nn.one_hot(jnp.full_like(tokens, EOS_ID), 5)
+  done = (state['pos'] == state['row'])[:, None]
+  log_probs = jnp.log(0.9 * jnp.where(done, eos, letter) + 0.02)
+  return log_probs, dict(state, pos=state['pos'] + 1)
+
+
+def test_rows_finish_at_different_times_and_stop_the_loop():
+  step_fn, calls = counting_steps(_ends_at_row_index)
+  state = {'row': jnp.arange(3), 'pos': jnp.zeros(3, jnp.int32)}
+  common = dict(batch_size=3, max_len=10)
+  greedy = jax.jit(
+    functools.partial(decoding.greedy_search, step_fn, **common)
+  )(state)
+  jax.effects_barrier()
+  assert len(calls) == 3  # the last row ends at its third step
+  a = EOS_ID + 1
+  expected = np.full((3, 10), PAD_ID)
+  for r in range(3):
+    expected[r, :r] = a
+    expected[r, r] = EOS_ID
+  np.testing.assert_array_equal(greedy.tokens, expected)
+  np.testing.assert_array_equal(greedy.lengths, [1, 2, 3])
+  np.testing.assert_allclose(
+    greedy.scores, np.log(0.92) * np.array([1, 2, 3]), rtol=1e-6
+  )
+
+  beam = jax.jit(
+    functools.partial(
+      decoding.beam_search, _ends_at_row_index, beam_size=2, **common
+    )
+  )(state)
+  np.testing.assert_array_equal(beam.tokens[:, 0], expected)
+  np.testing.assert_array_equal(beam.lengths[:, 0], [1, 2, 3])
+
+
+def test_state_leaves_of_any_rank_are_tiled_and_reordered():
+  # A [rows, 2, 3] float leaf rides along the history-dependent model.
+  model = ToyModel(seed=12, rows=2, max_len=4)
+
+  def step_fn(tokens, state):
+    extra = state.pop('extra')
+    log_probs, state = model.step_fn(tokens, state)
+    return log_probs, dict(state, extra=extra + 1.0)
+
+  state = dict(model.init_state(), extra=jnp.zeros((2, 2, 3)))
+  result = jax.jit(
+    functools.partial(
+      decoding.beam_search,
+      step_fn,
+      batch_size=2,
+      beam_size=EXHAUSTIVE_BEAM,
+      max_len=4,
+      num_return=3,
+    )
+  )(state)
+  expected = [enumerate_nbest(model, r, 3) for r in range(2)]
+  assert_matches(result, expected, model.max_len)
+
+
+def _identity_step(tokens, state):
+  return jnp.zeros((tokens.shape[0], 5)) - jnp.log(5.0), state
+
+
+@pytest.mark.parametrize(
+  'kwargs,message',
+  [
+    (dict(beam_size=0), 'beam_size must be >= 1'),
+    (dict(alpha=-0.1), 'alpha must be >= 0'),
+    (dict(num_return=5), r'num_return must be in \[1, beam_size=4\]'),
+    (dict(num_return=0), 'num_return must be in'),
+    (dict(max_len=0), 'max_len must be >= 1'),
+    (dict(coverage_weight=-1.0), 'coverage_weight must be >= 0'),
+    (dict(coverage_weight=0.5), 'pass attention_fn'),
+  ],
+)
+def test_beam_search_rejects_bad_arguments(kwargs, message):
+  args = dict(batch_size=2, beam_size=4, max_len=3) | kwargs
+  with pytest.raises(ValueError, match=message):
+    decoding.beam_search(_identity_step, jnp.zeros(2), **args)
+
+
+def test_bad_state_and_step_outputs_are_named():
+  with pytest.raises(ValueError, match=r"init_state leaf \['h'\] has shape"):
+    decoding.beam_search(
+      _identity_step, {'h': jnp.zeros(3)}, batch_size=2, beam_size=2, max_len=3
+    )
+  with pytest.raises(ValueError, match=r'log_probs of shape \[2, vocab\]'):
+    decoding.greedy_search(
+      lambda t, s: (jnp.zeros(5), s), jnp.zeros(2), batch_size=2, max_len=3
+    )
+  with pytest.raises(ValueError, match='max_len must be >= 1'):
+    decoding.greedy_search(
+      _identity_step, jnp.zeros(2), batch_size=2, max_len=0
+    )
+  with pytest.raises(ValueError, match='attention_fn must return'):
+    decoding.beam_search(
+      _identity_step,
+      jnp.zeros(2),
+      batch_size=2,
+      beam_size=2,
+      max_len=3,
+      attention_fn=lambda s: jnp.zeros(3),
+    )
