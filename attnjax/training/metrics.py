@@ -69,20 +69,18 @@ class Progress:
 
   def __init__(self, first_step: int, last_step: int):
     self._last_step = last_step
-    self._mark = (first_step, time.perf_counter(), 0.0)
+    self._step, self._time = first_step, time.perf_counter()
 
   def report(self, step: int, tokens: float) -> dict[str, float]:
     """Rates since the previous report; `tokens`: target tokens since then."""
-    prev_step, prev_time, _ = self._mark
     now = time.perf_counter()
-    elapsed = max(now - prev_time, 1e-9)
-    steps_per_s = (step - prev_step) / elapsed
-    self._mark = (step, now, tokens)
-    remaining = (self._last_step - step) / max(steps_per_s, 1e-9)
+    elapsed = max(now - self._time, 1e-9)
+    steps_per_s = (step - self._step) / elapsed
+    self._step, self._time = step, now
     return {
       'steps_per_s': steps_per_s,
       'tokens_per_s': tokens / elapsed,
-      'eta_s': remaining,
+      'eta_s': (self._last_step - step) / max(steps_per_s, 1e-9),
     }
 
 
