@@ -4,8 +4,10 @@ Any config field can be overridden, e.g. `--config.num_train_steps=500`.
 Rerunning with the same workdir resumes from its latest checkpoint.
 For several processes, pass --coordinator_address, --num_processes and
 --process_id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-JAX_PROCESS_ID, or run under a cluster manager JAX recognises).
+JAX_PROCESS_ID), or --distributed under a cluster manager JAX recognises.
 """
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -28,25 +30,35 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
   'process_id', None, 'This process (multi-process).'
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+  'distributed',
+  False,
+  'Start jax.distributed without the flags above (it '
+  'detects SLURM, Open MPI, TPU pods and similar clusters itself).',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _multi_process() -> bool:
+  return bool(
+    _DISTRIBUTED.value
+    or _COORDINATOR.value
+    or _NUM_PROCESSES.value
+    or 'JAX_COORDINATOR_ADDRESS' in os.environ
+    or 'JAX_NUM_PROCESSES' in os.environ
+  )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _COORDINATOR.value or _NUM_PROCESSES.value or _env_distributed():
+  if _multi_process():
     train_lib.initialize_distributed(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
   logging.set_verbosity(logging.INFO)
   checkpoints.quiet_orbax_logs()
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
-def _env_distributed() -> bool:
-  import os
-
-  return 'JAX_COORDINATOR_ADDRESS' in os.environ
 
 
 if __name__ == '__main__':

@@ -28,14 +28,6 @@ def assert_float(*arrays: jax.Array, names: Sequence[str]) -> None:
     chex.assert_type(x, float, custom_message=f'{name} must be floating point')
 
 
-def assert_last_dim(x: jax.Array, size: int, name: str, why: str) -> None:
-  if x.shape[-1] != size:
-    raise ValueError(
-      f'{name} has last dim {x.shape[-1]} but {why} needs {size}; got shape '
-      f'{x.shape}.'
-    )
-
-
 def check_mask(mask: jax.Array, target_shape: tuple[int, ...]) -> None:
   """A mask is boolean (True = may attend) and broadcasts to the scores."""
   if not jnp.issubdtype(jnp.result_type(mask), jnp.bool_):

@@ -363,7 +363,7 @@ def _chunked_bwd(plan, residuals, d_out):
     )
     d_logits = probs * (d_probs - delta[..., None])
     d_q_chunk, d_k, d_consts = pullback(d_logits)
-    d_q = d_q + d_q_chunk
+    d_q = d_q + d_q_chunk.astype(jnp.float32)
     if last:
       d_rem = jax.tree.map(jnp.add, d_rem, d_consts)
     else:
@@ -372,12 +372,12 @@ def _chunked_bwd(plan, residuals, d_out):
     return (d_q, d_full, d_rem), (d_k, d_v.astype(v.dtype))
 
   init = (
-    jnp.zeros_like(q),
+    jnp.zeros(q.shape, jnp.float32),  # summed over chunks: keep float32
     jax.tree.map(jnp.zeros_like, full_consts),
     jax.tree.map(jnp.zeros_like, rem_consts),
   )
   (d_q, d_full, d_rem), (d_k, d_v) = _for_each_chunk(plan, body, init)
-  return d_q, d_k, d_v, None, d_full, d_rem
+  return d_q.astype(q.dtype), d_k, d_v, None, d_full, d_rem
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -185,7 +185,8 @@ def beam_search(
   ranks the `beam * vocab` candidates by log-prob. Candidates ending in EOS
   among the top `beam` move to a pool of finished hypotheses, which keeps the
   `num_return` best by score; the best `beam` candidates not ending in EOS
-  stay live. With `beam_size=1` and `alpha=0` this is `greedy_search`.
+  stay live. With `beam_size=1`, `alpha=0` and no coverage penalty this is
+  `greedy_search`.
 
   A finished hypothesis Y scores (Wu et al., 2016)
 
@@ -196,7 +197,8 @@ def beam_search(
 
   The loop stops at max_len, or earlier once, in every row, the pool is full
   and its worst score is at least the best score any live hypothesis could
-  still reach. That bound is exact: a descendant's log-prob is at most its
+  still reach (or no live hypothesis has a non-zero probability left). That
+  bound is exact: a descendant's log-prob is at most its
   live ancestor's (log-probs are <= 0), dividing a non-positive number by
   the largest lp(|Y|) <= lp(max_len) can only raise it, and the coverage
   penalty is at most 0. As ties keep the hypothesis already in the pool,
@@ -266,8 +268,15 @@ def beam_search(
         f'shape {attention_shape}.'
       )
     attention = jnp.zeros((batch_size, 1, max_len, attention_shape[1]))
-    if source_mask is not None:
-      source_mask = jnp.asarray(source_mask, bool)[:, None, :]
+  if source_mask is not None:
+    src_len = None if attention is None else attention.shape[-1]
+    if jnp.shape(source_mask) != (batch_size, src_len):
+      raise ValueError(
+        'source_mask (for the coverage penalty) needs attention_fn and the '
+        f'shape [batch, src_len] = {(batch_size, src_len)}; got shape '
+        f'{jnp.shape(source_mask)}.'
+      )
+    source_mask = jnp.asarray(source_mask, bool)[:, None, :]
 
   length_penalty = ((5.0 + jnp.arange(max_len + 1)) / 6.0) ** alpha
 
@@ -320,6 +329,7 @@ def beam_search(
         lengths=jnp.full_like(h.lengths, t + 1),
       )
 
+    # Candidates ending in EOS among the top k join the finished pool.
     ended = extend(*jax.lax.top_k(candidates, k))
     ends = (ended.tokens[:, :, t] == eos_id) & (ended.log_probs > -jnp.inf)
     ended = ended._replace(scores=jnp.where(ends, score(ended), -jnp.inf))
@@ -327,6 +337,7 @@ def beam_search(
     pool = _concat(finished, ended)
     finished = _gather(pool, jax.lax.top_k(pool.scores, n)[1])
 
+    # The best k others stay live; the state follows their back-pointers.
     is_eos = jnp.arange(k * vocab) % vocab == eos_id
     live_log_probs, index = jax.lax.top_k(
       jnp.where(is_eos, -jnp.inf, candidates), k

@@ -291,7 +291,9 @@ class MultiHeadAttention(nn.Module):
     Args:
       inputs_q: `[batch..., q_len, features]`.
       inputs_kv: `[batch..., k_len, kv_features]` or None.
-      mask: bool, broadcastable to `[batch..., heads, q_len, k_len]`.
+      mask: bool, broadcastable to `[batch..., heads, q_len, k_len]`. Give
+        a per-example mask a heads dim of 1 (`mask[:, None]`): a
+        `[batch, q_len, k_len]` mask would broadcast against the heads.
       causal: add `masks.causal_mask(q_len, k_len)` (ignored when decoding,
         where the cache already hides the future).
       deterministic: disables dropout; overrides the attribute. Needed (here

@@ -195,8 +195,10 @@ def location(
       f'cover max_len={max_len}. Raise the configured maximum source length '
       '(the `max_len` of the location score) or shorten the inputs.'
     )
-  logits = q @ w
-  return jax.lax.dynamic_slice_in_dim(logits, key_offset, num_keys, axis=-1)
+  # Slice the weights, not the scores: under chunking only this chunk's
+  # columns are ever multiplied.
+  w_keys = jax.lax.dynamic_slice_in_dim(w, key_offset, num_keys, axis=-1)
+  return q @ w_keys
 
 
 def location_features(

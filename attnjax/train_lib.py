@@ -9,6 +9,7 @@ checkpoint can be reused with `--workdir` alone (see `attnjax.cli`).
 """
 
 import dataclasses
+import difflib
 import functools
 import json
 import logging
@@ -48,8 +49,7 @@ _IDENTITY_FIELDS = (
 _DATA_FIELDS = ('task', 'seed', 'heldout_size')
 
 
-class TrainState(train_state.TrainState):
-  pass
+TrainState = train_state.TrainState
 
 
 # ---------------------------------------------------------------------------
@@ -90,7 +90,67 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   need(opt.learning_rate > 0, 'optimizer.learning_rate', '> 0')
   need(opt.warmup_steps >= 0, 'optimizer.warmup_steps', '>= 0')
   need(opt.clip_norm >= 0, 'optimizer.clip_norm', '>= 0 (0 disables)')
+  need(0 <= opt.b1 < 1, 'optimizer.b1', 'in [0, 1)')
+  need(0 <= opt.b2 < 1, 'optimizer.b2', 'in [0, 1)')
+  need(opt.eps > 0, 'optimizer.eps', '> 0')
+  need(opt.weight_decay >= 0, 'optimizer.weight_decay', '>= 0')
   need(config.data.heldout_size >= 1, 'data.heldout_size', '>= 1')
+  need(config.data.seed >= 0, 'data.seed', '>= 0')
+  _check_known_fields(config)
+
+
+# The fields train_lib reads, per section (config.data is checked by the
+# task it names, config.model by the model's config class).
+_KNOWN_FIELDS = {
+  '': {
+    'seed',
+    'data',
+    'model',
+    'optimizer',
+    'batch_size',
+    'eval_batch_size',
+    'num_train_steps',
+    'label_smoothing',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+    'init_from',
+    'mesh',
+  },
+  'optimizer': {
+    'name',
+    'learning_rate',
+    'schedule',
+    'warmup_steps',
+    'weight_decay',
+    'clip_norm',
+    'b1',
+    'b2',
+    'eps',
+  },
+  'mesh': {'data', 'model', 'num_devices'},
+}
+
+
+def _check_known_fields(config: ml_collections.ConfigDict) -> None:
+  """Catches fields added from Python that nothing reads (typos)."""
+  for section, known in _KNOWN_FIELDS.items():
+    node = config[section] if section else config
+    unknown = sorted(set(node.keys()) - known)
+    if not unknown:
+      continue
+    hints = []
+    for name in unknown:
+      close = difflib.get_close_matches(name, known, n=1)
+      hints.append(
+        f'{name!r}' + (f' (did you mean {close[0]!r}?)' if close else '')
+      )
+    where = f'config.{section}' if section else 'config'
+    raise ValueError(
+      f'{where} has fields nothing reads: {", ".join(hints)}. Known: '
+      f'{", ".join(sorted(known))}.'
+    )
 
 
 def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -109,27 +169,40 @@ def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def save_or_check_config(config: ml_collections.ConfigDict, workdir) -> None:
-  """Saves the config beside the checkpoints, or checks it matches them."""
+def _changed_fields(config: ml_collections.ConfigDict, workdir) -> list[str]:
+  """Config fields whose values differ from the config saved in `workdir`."""
   path = pathlib.Path(workdir) / CONFIG_FILE
-  if path.exists() and checkpoints.latest_step(workdir) is not None:
-    saved = _flat(json.loads(path.read_text()))
-    current = _flat(json.loads(config.to_json_best_effort()))
-    differ = sorted(
-      key
-      for key in set(saved) | set(current)
-      if key.startswith(_IDENTITY_FIELDS) and saved.get(key) != current.get(key)
+  if not path.exists():
+    return []
+  saved = _flat(json.loads(path.read_text()))
+  current = _flat(json.loads(config.to_json_best_effort()))
+  return [
+    f'{key}: {saved.get(key)!r} -> {current.get(key)!r}'
+    for key in sorted(set(saved) | set(current))
+    if saved.get(key) != current.get(key)
+  ]
+
+
+def check_config_matches(config: ml_collections.ConfigDict, workdir) -> None:
+  """Refuses a workdir whose checkpoints belong to another model or task."""
+  if checkpoints.latest_step(workdir) is None:
+    return
+  differ = [
+    change
+    for change in _changed_fields(config, workdir)
+    if change.startswith(_IDENTITY_FIELDS)
+  ]
+  if differ:
+    raise ValueError(
+      f'workdir {workdir} holds checkpoints of a different model or task '
+      f'({", ".join(differ)}). Use a new --workdir, or delete '
+      f'{pathlib.Path(workdir) / checkpoints.CHECKPOINT_DIR} to start fresh.'
     )
-    if differ:
-      details = ', '.join(
-        f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in differ
-      )
-      raise ValueError(
-        f'workdir {workdir} holds checkpoints of a different model or task '
-        f'({details}). Use a new --workdir, or delete '
-        f'{pathlib.Path(workdir) / checkpoints.CHECKPOINT_DIR} to start fresh.'
-      )
+
+
+def save_config(config: ml_collections.ConfigDict, workdir) -> None:
   if jax.process_index() == 0:
+    path = pathlib.Path(workdir) / CONFIG_FILE
     path.write_text(config.to_json_best_effort(indent=2))
 
 
@@ -173,11 +246,6 @@ class Experiment:
           f'of the mesh ({data_size} devices). Pick a multiple of '
           f'{data_size} or change config.mesh.'
         )
-    if config.batch_size % jax.process_count():
-      raise ValueError(
-        f'config.batch_size={config.batch_size} is not divisible by the '
-        f'{jax.process_count()} processes.'
-      )
     init = functools.partial(_init_state, model, tx, task)
     abstract_state = jax.eval_shape(init, jax.random.key(0))
     shardings = sharding.state_shardings(abstract_state, mesh)
@@ -195,14 +263,24 @@ class Experiment:
     return nn.meta.unbox(self.abstract_state)
 
   def train_iterator(self) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of each training batch, as numpy arrays."""
+    index, count = sharding.process_rows(self.mesh, self.config.batch_size)
     dataset = pipeline.train_dataset(
       self.task,
       global_batch_size=self.config.batch_size,
       seed=self.config.data.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+      process_index=index,
+      process_count=count,
     )
     return iter(dataset)
+
+  @functools.cached_property
+  def heldout_batches(self) -> list[dict[str, np.ndarray]]:
+    return pipeline.heldout_batches(
+      self.task,
+      n=self.config.data.heldout_size,
+      batch_size=self.config.eval_batch_size,
+    )
 
 
 def make_task(config: ml_collections.ConfigDict) -> synthetic.Task:
@@ -213,6 +291,12 @@ def make_task(config: ml_collections.ConfigDict) -> synthetic.Task:
 def build_model(config: ml_collections.ConfigDict, task) -> nn.Module:
   fields = dict(config.model)
   fields['dtype'] = jnp.dtype(fields.get('dtype', 'float32'))
+  known = {f.name for f in dataclasses.fields(seq2seq.Seq2SeqConfig)}
+  if unknown := sorted(set(fields) - known):
+    raise ValueError(
+      f'config.model has fields the model does not take: {unknown}. Known: '
+      f'{", ".join(sorted(known))}.'
+    )
   model_config = seq2seq.Seq2SeqConfig(
     source_vocab_size=task.vocab.size,
     target_vocab_size=task.vocab.size,
@@ -359,10 +443,12 @@ def evaluate(
   show: int = 0,
 ) -> dict[str, Any]:
   """Held-out metrics: teacher-forced loss/accuracy and greedy exact match."""
-  n = num_examples or exp.config.data.heldout_size
-  batches = pipeline.heldout_batches(
-    exp.task, n=n, batch_size=exp.config.eval_batch_size
-  )
+  if num_examples is None:
+    batches = exp.heldout_batches
+  else:
+    batches = pipeline.heldout_batches(
+      exp.task, n=num_examples, batch_size=exp.config.eval_batch_size
+    )
   eval_step = eval_step or make_eval_step(exp)
   vocab = exp.task.vocab
   totals: dict[str, float] = {}
@@ -404,13 +490,16 @@ class _TrainLog:
   def add(self, step: int, device_sums) -> None:
     sums = jax.device_get(device_sums)
     loss = float(sums['loss_sum']) / max(float(sums['tokens']), 1.0)
-    if not math.isfinite(loss):
+    grad_norm = float(sums['grad_norm'])
+    # A finite loss with non-finite gradients still ruins the update.
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
       self._mngr.wait_until_finished()
       last = self._mngr.latest_step()
       raise FloatingPointError(
-        f'the training loss became {loss} at step {step}. The last good '
-        f'checkpoint (step {last}) is kept. Lower optimizer.learning_rate or '
-        'set optimizer.clip_norm, then rerun to resume from it.'
+        f'the training loss became {loss} (gradient norm {grad_norm}) at '
+        f'step {step}. The last good checkpoint (step {last}) is kept. Lower '
+        'optimizer.learning_rate or set optimizer.clip_norm, then rerun to '
+        'resume from it.'
       )
     for key, value in sums.items():
       self._sums[key] = self._sums.get(key, 0.0) + float(value)
@@ -427,7 +516,6 @@ class _TrainLog:
     scalars.update(
       steps_per_s=rates['steps_per_s'], tokens_per_s=rates['tokens_per_s']
     )
-    del scalars['perplexity']
     self._writer.write(step, 'train', scalars)
     logging.info(
       'step %d/%d  loss %.4f  token acc %.4f  %.1f steps/s  %.0f tokens/s  '
@@ -499,11 +587,21 @@ def train_and_evaluate(
   validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  save_or_check_config(config, workdir)
+  check_config_matches(config, workdir)
   exp = Experiment.create(config)
   mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   data_iterator = exp.train_iterator()
-  state, start = restore_or_init(exp, workdir, mngr, data_iterator)
+  try:
+    state, start = restore_or_init(exp, workdir, mngr, data_iterator)
+  except ValueError as e:
+    changed = _changed_fields(config, workdir)
+    raise ValueError(
+      f'{e} Config fields changed since that checkpoint: '
+      f'{"; ".join(changed) or "none"}.'
+    ) from e
+  # Saved only once the checkpoint (if any) is known to fit this config, so
+  # a refused resume leaves the workdir usable.
+  save_config(config, workdir)
   logging.info(
     'Training %s on %s from step %d to %d on %d devices (mesh %s).',
     config.model.decoder,
@@ -523,7 +621,9 @@ def train_and_evaluate(
   result: dict[str, Any] = {}
   with jax.set_mesh(exp.mesh):
     for step in range(start + 1, config.num_train_steps + 1):
-      batch = sharding.global_batch(next(data_iterator), exp.mesh)
+      batch = sharding.global_batch(
+        next(data_iterator), exp.mesh, config.batch_size
+      )
       state, sums = step_fn(state, batch, rng)
       # Read the previous step's metrics while this one runs.
       if pending is not None:
@@ -537,6 +637,7 @@ def train_and_evaluate(
       if step % config.eval_every_steps == 0 or last:
         result = evaluate(exp, state.params, eval_step=eval_step)
         writer.write(step, 'heldout', result)
+        writer.flush()
         logging.info(
           'step %d  held-out exact match %.4f  token acc %.4f  loss %.4f',
           step,
@@ -546,6 +647,9 @@ def train_and_evaluate(
         )
     if pending is not None:
       log.add(*pending)
+    log.write(config.num_train_steps)  # a last partial window, if any
+    if not result:  # the workdir had already finished training
+      result = evaluate(exp, state.params, eval_step=eval_step)
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
@@ -569,14 +673,15 @@ def load_trained(workdir) -> tuple[Experiment, Any]:
     for field in ('batch_size', 'eval_batch_size'):
       config[field] = math.ceil(config[field] / data_size) * data_size
   exp = Experiment.create(config)
-  mngr = checkpoints.manager(workdir, read_only=True)
-  if mngr.latest_step() is None:
+  if checkpoints.latest_step(workdir) is None:
     raise FileNotFoundError(
       f'workdir {workdir} has no checkpoint yet; train it with train.py '
       f'--workdir={workdir} first.'
     )
-  state, _ = restore_or_init(exp, workdir, mngr)
-  return exp, state.params
+  params = checkpoints.restore_params(
+    workdir, exp.unboxed_abstract_state().params, exp.state_shardings.params
+  )
+  return exp, params
 
 
 def decode(exp: Experiment, params, sources: Sequence[str]) -> list[str]:

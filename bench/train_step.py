@@ -63,7 +63,9 @@ def main(argv):
     donate_argnums=0,
   )
   with jax.set_mesh(exp.mesh):
-    sharded_batches = [sharding.global_batch(b, exp.mesh) for b in local]
+    sharded_batches = [
+      sharding.global_batch(b, exp.mesh, config.batch_size) for b in local
+    ]
     sharded_state = exp.init_state(rng)
   plain_state = jax.device_put(jax.device_get(sharded_state), jax.devices()[0])
   plain_batches = [jax.device_put(b, jax.devices()[0]) for b in local]

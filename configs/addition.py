@@ -1,4 +1,6 @@
-"""Seed 000's addition task: 2 numbers in 1..999, e.g. '123+45 ' -> '168 '.
+"""Seed 000's addition task: 2 numbers in 1..999, e.g. ' 123+45' -> ' 168'.
+
+Questions and answers are left-padded with spaces to a fixed width.
 
 python train.py --config=configs/addition.py --workdir=/tmp/addition
 python train.py --config=configs/addition.py:tiny ...   (the test variant)

@@ -18,9 +18,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.data.alphabet = string.ascii_lowercase  # Characters of the strings.
   config.data.min_len = 20  # Shortest string.
   config.data.max_len = 30  # Longest string.
-  config.model.bidirectional = True
-  config.model.hidden_dim = 256
+  config.model.bidirectional = True  # Both ends of the source in view.
+  config.model.hidden_dim = 256  # Room for 30 characters in one state.
   if variant == 'tiny':
     base.make_tiny(config)
-    config.data.min_len, config.data.max_len = 3, 6
+    config.data.min_len, config.data.max_len = 3, 6  # Short strings.
   return config

@@ -547,6 +547,32 @@ def test_chunked_memory_structure(kind):
   assert _largest_aval(jaxpr_of(chunked_loss)) < limit
 
 
+def test_chunked_location_score_stays_chunked():
+  # The location score's weights have one column per key; under chunking
+  # only the chunk's columns may be multiplied, never all k_len at once.
+  q_len, k_len, chunk, depth = 64, 4096, 128, 4
+  q = jax.ShapeDtypeStruct((q_len, depth), jnp.float32)
+  k = v = jax.ShapeDtypeStruct((k_len, depth), jnp.float32)
+  w = jax.ShapeDtypeStruct((depth, k_len), jnp.float32)
+
+  def loss(q, k, v, w, chunked):
+    def score_fn(q, k, key_offset=0):
+      return scores.location(q, w, k.shape[-2], key_offset=key_offset)
+
+    if chunked:
+      out = attention.chunked_attention(q, k, v, score_fn, chunk_size=chunk)
+    else:
+      out = attention.attention(q, k, v, score_fn)[0]
+    return jnp.sum(out)
+
+  def largest(chunked):
+    grad = jax.grad(functools.partial(loss, chunked=chunked), (0, 1, 2, 3))
+    return _largest_aval(jax.make_jaxpr(grad)(q, k, v, w))
+
+  assert largest(chunked=False) >= q_len * k_len
+  assert largest(chunked=True) < q_len * k_len
+
+
 # ---------------------------------------------------------------------------
 # Errors.
 

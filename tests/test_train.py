@@ -56,7 +56,8 @@ def assert_trees_close(a, b, atol):
 def trained(tmp_path_factory):
   """A tiny run of 20 steps, shared by the checkpoint-reuse tests."""
   workdir = tmp_path_factory.mktemp('trained')
-  result = train_lib.train_and_evaluate(tiny_config(), str(workdir))
+  config = tiny_config(keep_checkpoints=1)
+  result = train_lib.train_and_evaluate(config, str(workdir))
   return workdir, result
 
 
@@ -69,7 +70,7 @@ def test_end_to_end_run_writes_everything(trained):
   steps = sorted(
     int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()
   )
-  assert steps == [10, 20]
+  assert steps == [20]  # saved at 10 and 20, keep_checkpoints=1
   rows = [
     json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()
   ]
@@ -239,14 +240,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_two_devices(tmp_path):
-  flags = [
-    '--config.num_train_steps=6',
-    '--config.log_every_steps=1',
-    '--config.checkpoint_every_steps=6',
-    '--config.eval_every_steps=6',
+@pytest.mark.parametrize('data, model', [(2, 1), (1, 2)])
+def test_two_processes_match_one_process_two_devices(tmp_path, data, model):
+  """2 processes x 1 device == 1 process x 2 devices, with the mesh's data
+  axis across the processes (each reads half of every batch) or its model
+  axis (both read the whole batch). Then the 2-process run resumes in 1
+  process, where Grain finds no iterator file of its own."""
+  common = dict(
+    num_train_steps=6,
+    log_every_steps=1,
+    checkpoint_every_steps=6,
+    eval_every_steps=6,
+  )
+  flags = [f'--config.{k}={v}' for k, v in common.items()] + [
     '--config.optimizer.schedule=constant',
     '--config.optimizer.warmup_steps=0',
+    f'--config.mesh.data={data}',
+    f'--config.mesh.model={model}',
   ]
   port = _free_port()
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
@@ -269,21 +279,23 @@ def test_two_processes_match_one_process_two_devices(tmp_path):
   for proc in procs:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-  config = tiny_config(
-    num_train_steps=6,
-    log_every_steps=1,
-    checkpoint_every_steps=6,
-    eval_every_steps=6,
-    **{'mesh.num_devices': 2},
-  )
-  train_lib.train_and_evaluate(config, str(tmp_path / 'single'))
-  multi, single = (
-    train_losses(tmp_path / 'multi'),
-    train_losses(tmp_path / 'single'),
-  )
-  assert sorted(multi) == list(range(1, 7))
+  mesh = {'mesh.data': data, 'mesh.model': model, 'mesh.num_devices': 2}
+  single = tiny_config(**common, **mesh)
+  train_lib.train_and_evaluate(single, str(tmp_path / 'single'))
+  losses = train_losses(tmp_path / 'multi')
+  assert sorted(losses) == list(range(1, 7))
   np.testing.assert_allclose(
-    list(multi.values()), list(single.values()), atol=1e-5
+    list(losses.values()),
+    list(train_losses(tmp_path / 'single').values()),
+    atol=1e-5,
+  )
+  # Two more steps for both, now in this single process.
+  longer = tiny_config(**{**common, 'num_train_steps': 8}, **mesh)
+  for name in ('multi', 'single'):
+    train_lib.train_and_evaluate(longer, str(tmp_path / name))
+  resumed, straight = (train_losses(tmp_path / n) for n in ('multi', 'single'))
+  np.testing.assert_allclose(
+    [resumed[7], resumed[8]], [straight[7], straight[8]], atol=1e-5
   )
 
 
@@ -405,20 +417,48 @@ def test_reverse_config_trains_and_decodes(tmp_path):
 
 def test_init_from_takes_parameters_only(trained, tmp_path):
   source, _ = trained
-  config = tiny_config(init_from=str(source),
-                       **{'optimizer.learning_rate': 1e-4})
+  config = tiny_config(
+    init_from=str(source), **{'optimizer.learning_rate': 1e-4}
+  )
   exp = train_lib.Experiment.create(config)
   state, step = train_lib.restore_or_init(
     exp, tmp_path, checkpoints.manager(tmp_path)
   )
   assert step == 0 and int(state.step) == 0  # a fresh run ...
-  assert_trees_close(jax.device_get(state.params), final_params(source),
-                     atol=0)  # ... from the trained parameters
-  assert all(float(abs(x).max()) == 0.0  # and a fresh optimiser state
-             for x in jax.tree.leaves(state.opt_state) if x.ndim)
+  assert_trees_close(
+    jax.device_get(state.params), final_params(source), atol=0
+  )  # ... from the trained parameters
+  assert all(
+    float(abs(x).max()) == 0.0  # and a fresh optimiser state
+    for x in jax.tree.leaves(state.opt_state)
+    if x.ndim
+  )
 
 
 def test_init_from_without_checkpoint_is_an_error(tmp_path):
   config = tiny_config(init_from=str(tmp_path / 'empty'))
   with pytest.raises(FileNotFoundError, match='holds no checkpoint'):
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_unknown_field_set_from_python_is_refused(tmp_path):
+  config = tiny_config()
+  config.batchsize = 8  # unlocked ConfigDicts accept any new field
+  with pytest.raises(ValueError, match="did you mean 'batch_size'"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config()
+  config.model.hiden_dim = 8
+  with pytest.raises(ValueError, match='hiden_dim'):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+def test_refused_resume_leaves_the_workdir_usable(trained, tmp_path):
+  workdir, _ = trained
+  saved = (workdir / 'config.json').read_text()
+  # No clipping changes the optimiser state's structure: not resumable.
+  config = tiny_config(num_train_steps=30, **{'optimizer.clip_norm': 0.0})
+  with pytest.raises(ValueError, match=r'optimizer.clip_norm: 1.0 -> 0.0'):
+    train_lib.train_and_evaluate(config, str(workdir))
+  assert (workdir / 'config.json').read_text() == saved
+  exp, params = train_lib.load_trained(workdir)
+  assert train_lib.decode(exp, params, ['1+2'])

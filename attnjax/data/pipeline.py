@@ -114,6 +114,14 @@ def train_dataset(
   return dataset.to_iter_dataset(read_options or _DEFAULT_READ_OPTIONS)
 
 
+def seek(iterator: grain.DatasetIterator, num_batches: int) -> None:
+  """Moves a `train_dataset` iterator to just after `num_batches` batches."""
+  state = iterator.get_state()
+  if set(state) != {'next_index'}:
+    raise ValueError(f'not an iterator of train_dataset (state {state}).')
+  iterator.set_state({'next_index': int(num_batches)})
+
+
 def heldout_batches(
   task: Task, *, n: int, batch_size: int
 ) -> list[dict[str, np.ndarray]]:

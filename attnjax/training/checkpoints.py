@@ -15,6 +15,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from attnjax.data import pipeline
+
 CHECKPOINT_DIR = 'checkpoints'
 
 
@@ -83,12 +85,27 @@ def restore(
   shardings,
   data_iterator=None,
 ):
-  """Restores `state` (onto `shardings`) and, if given, the data iterator."""
+  """Restores `state` (onto `shardings`) and, if given, the data iterator.
+
+  Grain saves one iterator file per process. A run resumed on a different
+  number of processes finds none for itself; its iterator is then moved to
+  batch `step` with `seek`, which is exact for our pipelines because batch k
+  is a pure function of k.
+  """
   args = {
     'state': ocp.args.StandardRestore(_abstract(abstract_state, shardings))
   }
-  if data_iterator is not None:
+  own_file = (
+    pathlib.Path(mngr.directory)
+    / str(step)
+    / 'data'
+    / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  )
+  if data_iterator is not None and own_file.exists():
     args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  elif data_iterator is not None:
+    logging.info('No data state for this process count; seeking to %d.', step)
+    pipeline.seek(data_iterator, step)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**args))
   except (ValueError, KeyError, TypeError) as e:
@@ -107,8 +124,8 @@ def restore_params(workdir: str | pathlib.Path, abstract_params, shardings):
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(
-      f'init_from={workdir!s} holds no checkpoint (looked in '
-      f"{mngr.directory}). Point init_from at a trained run's workdir."
+      f'{workdir!s} holds no checkpoint (looked in {mngr.directory}). '
+      "Point init_from (or --workdir) at a trained run's workdir."
     )
   target = {'params': _abstract(abstract_params, shardings)}
   restored = mngr.restore(

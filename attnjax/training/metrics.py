@@ -3,6 +3,10 @@
 Only process 0 writes. Each logged step becomes one JSON line
 `{"step": ..., "split": ..., name: value, ...}` in `WORKDIR/metrics.jsonl`
 and scalars under `WORKDIR/tensorboard/SPLIT`.
+
+TensorBoard files are written with tensorboardX: clu's metric writers would
+be the usual choice, but `clu.metric_writers` imports TensorFlow, which
+attnjax does not otherwise need.
 """
 
 import json

@@ -1,5 +1,6 @@
 """Optimiser and learning-rate schedule from the config (optax)."""
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -24,9 +25,12 @@ def learning_rate_schedule(
   elif config.schedule == 'linear':
     decay_fn = optax.linear_schedule(lr, 0.0, decay_steps)
   else:  # rsqrt
+    scale = max(warmup, 1)
 
     def decay_fn(step):
-      return lr * (max(warmup, 1) / (step + max(warmup, 1))) ** 0.5
+      # join_schedules also evaluates this before the warmup ends (negative
+      # steps); the clamp keeps those throwaway values finite.
+      return lr * jnp.sqrt(scale / jnp.maximum(step + scale, scale))
 
   if warmup == 0:
     return decay_fn

@@ -111,10 +111,45 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
-  """Assembles each process's slice of the batch into global arrays."""
+def process_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+  """Which rows of each global batch this process must supply.
+
+  Returns `(index, count)`: the process holds rows
+  `[index * B / count, (index + 1) * B / count)` of a global batch of B rows.
+  Processes whose devices share a `data` shard (a model axis spanning hosts)
+  get the same rows, as `jax.make_array_from_process_local_data` requires.
+  """
+  indices = batch_sharding(mesh).addressable_devices_indices_map(
+    (global_batch_size,)
+  )
+  bounds = [idx[0].indices(global_batch_size)[:2] for idx in indices.values()]
+  start = min(b[0] for b in bounds)
+  stop = max(b[1] for b in bounds)
+  size = stop - start
+  covered = set()
+  for lo, hi in bounds:
+    covered.update(range(lo, hi))
+  if (
+    covered != set(range(start, stop))
+    or start % size
+    or (global_batch_size % size)
+  ):
+    raise ValueError(
+      f"this process's devices hold rows {sorted(bounds)} of the batch, not "
+      'one contiguous block; order the devices so that each process owns '
+      'whole data shards.'
+    )
+  return start // size, global_batch_size // size
+
+
+def global_batch(
+  local: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int
+) -> dict[str, Array]:
+  """Assembles each process's rows of the batch into global arrays."""
   sharding = batch_sharding(mesh)
   return {
-    name: jax.make_array_from_process_local_data(sharding, value)
+    name: jax.make_array_from_process_local_data(
+      sharding, value, (global_batch_size, *value.shape[1:])
+    )
     for name, value in local.items()
   }
