@@ -3,6 +3,9 @@
   attnjax decode --workdir DIR --input "123+456" [--input ...]
   attnjax evaluate --workdir DIR [--split test] [--num_examples N]
 
+Both take --beam_size K (1, the default, is greedy search) and --alpha A
+(the GNMT length-penalty exponent of beam search).
+
 Both read the config saved in DIR and its latest checkpoint, on whatever
 devices are present (also `python -m attnjax ...`).
 """
@@ -31,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     required=True,
     help='a source string; repeat for several',
   )
+  _search_flags(decode)
 
   evaluate = commands.add_parser('evaluate', help='print held-out metrics')
   evaluate.add_argument('--workdir', required=True, help='a trained workdir')
@@ -49,7 +53,20 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument(
     '--show', type=int, default=5, help='example predictions to print'
   )
+  _search_flags(evaluate)
   return parser
+
+
+def _search_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+    '--beam_size', type=int, default=1, help='beam width; 1 is greedy search'
+  )
+  parser.add_argument(
+    '--alpha',
+    type=float,
+    default=0.0,
+    help='length penalty ((5 + len) / 6) ** alpha; 0 turns it off',
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,14 +81,21 @@ def main(argv: list[str] | None = None) -> int:
   try:
     exp, params = train_lib.load_trained(args.workdir)
     if args.command == 'decode':
-      outputs = train_lib.decode(exp, params, args.input)
+      outputs = train_lib.decode(
+        exp, params, args.input, beam_size=args.beam_size, alpha=args.alpha
+      )
       for source, output in zip(args.input, outputs, strict=True):
         print(f'{source} -> {output}')
     else:
       if args.num_examples is not None and args.num_examples < 1:
         raise ValueError('--num_examples must be >= 1.')
       result = train_lib.evaluate(
-        exp, params, num_examples=args.num_examples, show=args.show
+        exp,
+        params,
+        num_examples=args.num_examples,
+        show=args.show,
+        beam_size=args.beam_size,
+        alpha=args.alpha,
       )
       examples = result.pop('examples', [])
       print(json.dumps({'split': args.split, **result}, indent=2))

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from attnjax import decoding
 from attnjax.data import pipeline, synthetic
 from attnjax.data import vocab as vocab_lib
 from attnjax.models import seq2seq
@@ -400,8 +401,65 @@ def make_train_step(exp: Experiment):
   )
 
 
-def make_eval_step(exp: Experiment):
-  """Teacher-forced metrics and greedy decoding of one held-out batch."""
+def check_search(beam_size: int, alpha: float) -> None:
+  if not isinstance(beam_size, int) or beam_size < 1:
+    raise ValueError(
+      f'beam_size must be an integer >= 1 (1 is greedy search); got '
+      f'{beam_size!r}.'
+    )
+  if alpha < 0:
+    raise ValueError(
+      f'alpha, the GNMT length-penalty exponent, must be >= 0 (0 turns the '
+      f'penalty off); got {alpha}.'
+    )
+
+
+def search(
+  model,
+  params,
+  inputs: Array,
+  *,
+  max_len: int,
+  beam_size: int = 1,
+  alpha: float = 0.0,
+) -> Array:
+  """Output tokens `[batch, max_len]` of greedy (beam_size 1) or beam search.
+
+  Drives the model's decoder one step at a time through the shared searches
+  of `attnjax.decoding`; beam search returns each row's best hypothesis.
+  """
+  variables = {'params': params}
+  encoded = model.apply(variables, inputs, method=model.encode)
+  state = model.apply(
+    variables, encoded, inputs, method=model.initial_decoder_state
+  )
+
+  def step_fn(tokens, state):
+    logits, state = model.apply(
+      variables, tokens, state, method=model.decode_step
+    )
+    return jax.nn.log_softmax(logits), state
+
+  batch_size = inputs.shape[0]
+  if beam_size == 1:
+    return decoding.greedy_search(
+      step_fn, state, batch_size=batch_size, max_len=max_len
+    ).tokens
+  result = decoding.beam_search(
+    step_fn,
+    state,
+    batch_size=batch_size,
+    beam_size=beam_size,
+    max_len=max_len,
+    alpha=alpha,
+    num_return=1,
+  )
+  return result.tokens[:, 0]
+
+
+def make_eval_step(exp: Experiment, *, beam_size: int = 1, alpha: float = 0.0):
+  """Teacher-forced metrics and decoded tokens of one held-out batch."""
+  check_search(beam_size, alpha)
   model, pad_id = exp.model, vocab_lib.PAD_ID
 
   def eval_step(params, batch):
@@ -409,8 +467,13 @@ def make_eval_step(exp: Experiment):
       {'params': params}, batch['inputs'], batch['targets'], train=False
     )
     sums = token_metrics(logits, batch['targets'], pad_id, valid=batch['valid'])
-    tokens = model.apply(
-      {'params': params}, batch['inputs'], method=model.greedy_decode
+    tokens = search(
+      model,
+      params,
+      batch['inputs'],
+      max_len=exp.task.max_target_len,
+      beam_size=beam_size,
+      alpha=alpha,
     )
     return sums, tokens
 
@@ -441,15 +504,18 @@ def evaluate(
   num_examples: int | None = None,
   eval_step=None,
   show: int = 0,
+  beam_size: int = 1,
+  alpha: float = 0.0,
 ) -> dict[str, Any]:
-  """Held-out metrics: teacher-forced loss/accuracy and greedy exact match."""
+  """Held-out metrics: teacher-forced loss/accuracy and the exact match of
+  greedy (beam_size 1) or beam-search outputs."""
   if num_examples is None:
     batches = exp.heldout_batches
   else:
     batches = pipeline.heldout_batches(
       exp.task, n=num_examples, batch_size=exp.config.eval_batch_size
     )
-  eval_step = eval_step or make_eval_step(exp)
+  eval_step = eval_step or make_eval_step(exp, beam_size=beam_size, alpha=alpha)
   vocab = exp.task.vocab
   totals: dict[str, float] = {}
   exact, count, examples = 0, 0, []
@@ -684,15 +750,28 @@ def load_trained(workdir) -> tuple[Experiment, Any]:
   return exp, params
 
 
-def decode(exp: Experiment, params, sources: Sequence[str]) -> list[str]:
-  """Greedy outputs of the model for raw source strings."""
+def decode(
+  exp: Experiment,
+  params,
+  sources: Sequence[str],
+  *,
+  beam_size: int = 1,
+  alpha: float = 0.0,
+) -> list[str]:
+  """The model's outputs for raw source strings (greedy or beam search)."""
+  check_search(beam_size, alpha)
   task, vocab = exp.task, exp.task.vocab
   rows = [task.prepare_source(text) for text in sources]
   width = task.max_source_len
   inputs = np.full((len(rows), width), vocab_lib.PAD_ID, np.int32)
   for i, ids in enumerate(rows):
     inputs[i, : len(ids)] = ids
-  tokens = jax.jit(
-    functools.partial(exp.model.apply, method=exp.model.greedy_decode)
-  )({'params': params}, jnp.asarray(inputs))
+  run = functools.partial(
+    search,
+    exp.model,
+    max_len=task.max_target_len,
+    beam_size=beam_size,
+    alpha=alpha,
+  )
+  tokens = jax.jit(run)(params, jnp.asarray(inputs))
   return [vocab.decode(row) for row in np.asarray(tokens).tolist()]

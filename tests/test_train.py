@@ -462,3 +462,52 @@ def test_refused_resume_leaves_the_workdir_usable(trained, tmp_path):
   assert (workdir / 'config.json').read_text() == saved
   exp, params = train_lib.load_trained(workdir)
   assert train_lib.decode(exp, params, ['1+2'])
+
+
+def test_cli_beam_search(trained, capsys):
+  workdir, _ = trained
+  base = [
+    'decode',
+    '--workdir',
+    str(workdir),
+    '--input',
+    '12+34',
+    '--input',
+    '5+60',
+  ]
+  assert cli.main(base) == 0
+  greedy = capsys.readouterr().out
+  assert cli.main([*base, '--beam_size', '1', '--alpha', '0.6']) == 0
+  assert capsys.readouterr().out == greedy  # beam 1 is greedy
+  assert cli.main([*base, '--beam_size', '4', '--alpha', '0.6']) == 0
+  assert len(capsys.readouterr().out.strip().splitlines()) == 2
+  assert (
+    cli.main(
+      [
+        'evaluate',
+        '--workdir',
+        str(workdir),
+        '--num_examples',
+        '8',
+        '--beam_size',
+        '3',
+      ]
+    )
+    == 0
+  )
+  out = capsys.readouterr().out
+  assert json.loads(out[: out.rindex('}') + 1])['num_examples'] == 8
+
+
+@pytest.mark.parametrize(
+  'flags, message',
+  [
+    (['--beam_size', '0'], 'beam_size must be'),
+    (['--alpha', '-1'], 'alpha.* must be >= 0'),
+  ],
+)
+def test_cli_bad_search_flags(trained, capsys, flags, message):
+  workdir, _ = trained
+  args = ['decode', '--workdir', str(workdir), '--input', '1+2', *flags]
+  assert cli.main(args) == 2
+  assert re.search(message, capsys.readouterr().err)
