@@ -157,8 +157,8 @@ def make_score(
   return _bind_score(score, params, heads=num_heads is not None)
 
 
-class Attention(nn.Module):
-  """Single-head attention with any score function.
+class ScoredAttention(nn.Module):
+  """Base of the single-head modules: the score and the weights it owns.
 
   Attributes:
     score: a registered score name or a callable `score(q, k)`.
@@ -175,6 +175,7 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def score_fn(self, q_depth: int, k_depth: int) -> ScoreFn:
+    """Creates the score's weights (inside a compact call) and binds them."""
     return make_score(
       self,
       self.score,
@@ -185,6 +186,11 @@ class Attention(nn.Module):
       use_bias=self.use_bias,
       param_dtype=self.param_dtype,
     )
+
+
+class Attention(ScoredAttention):
+  """Single-head soft attention with any score function (see
+  `ScoredAttention` for the attributes)."""
 
   @nn.compact
   def __call__(
@@ -435,26 +441,23 @@ class MultiHeadAttention(nn.Module):
     return jnp.swapaxes(context, -3, -2)
 
 
-class LocalAttention(nn.Module):
+class LocalAttention(ScoredAttention):
   """Luong's local attention: local-m (`predictive=False`) or local-p.
 
   Attributes:
-    window: D, the half-width of the window [p_t - D, p_t + D].
+    window: D, the half-width of the window [p_t - D, p_t + D] (Luong et
+      al. use 10).
     predictive: local-p (predicted centers, Gaussian with sigma = D/2)
       instead of local-m (centers at the target positions).
-    score, hidden, max_len, use_bias: the score, as in `Attention` (Luong use
-      'general' for local attention).
+    score: as in `ScoredAttention`; Luong et al. use 'general' for local
+      attention.
     position_hidden: hidden width of the local-p position predictor.
   """
 
-  window: int
-  predictive: bool = False
   score: str | ScoreFn = 'general'
-  hidden: int | None = None
-  max_len: int | None = None
-  use_bias: bool = True
+  window: int = 10
+  predictive: bool = False
   position_hidden: int | None = None
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(
@@ -477,16 +480,7 @@ class LocalAttention(nn.Module):
         f'LocalAttention: window must be >= 0; got {self.window}'
       )
     values = keys if values is None else values
-    score_fn = make_score(
-      self,
-      self.score,
-      query.shape[-1],
-      keys.shape[-1],
-      hidden=self.hidden,
-      max_len=self.max_len,
-      use_bias=self.use_bias,
-      param_dtype=self.param_dtype,
-    )
+    score_fn = self.score_fn(query.shape[-1], keys.shape[-1])
     k_len = keys.shape[-2]
     if self.predictive:
       hidden = self.position_hidden or query.shape[-1]
@@ -531,7 +525,7 @@ class LocalAttention(nn.Module):
     return context, weights
 
 
-class HardAttention(nn.Module):
+class HardAttention(ScoredAttention):
   """Hard attention: one key per query.
 
   Training (not deterministic) samples with the straight-through
@@ -539,13 +533,8 @@ class HardAttention(nn.Module):
   the argmax. See `attnjax.attention.hard_weights`.
   """
 
-  score: str | ScoreFn = 'additive'
-  hidden: int | None = None
-  max_len: int | None = None
-  use_bias: bool = True
   temperature: float = 1.0
   deterministic: bool | None = None
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(
@@ -561,16 +550,7 @@ class HardAttention(nn.Module):
     deterministic = nn.merge_param(
       'deterministic', self.deterministic, deterministic
     )
-    score_fn = make_score(
-      self,
-      self.score,
-      query.shape[-1],
-      keys.shape[-1],
-      hidden=self.hidden,
-      max_len=self.max_len,
-      use_bias=self.use_bias,
-      param_dtype=self.param_dtype,
-    )
+    score_fn = self.score_fn(query.shape[-1], keys.shape[-1])
     rng = None if deterministic else self.make_rng('gumbel')
     context, weights = attn_lib.hard_attention(
       query,
