@@ -552,6 +552,8 @@ class _TrainLog:
     self._mngr = mngr
     self._sums: dict[str, float] = {}
     self._steps = 0
+    self._rate_tokens = 0.0  # target tokens since the progress clock started
+    self._compiled = False
 
   def add(self, step: int, device_sums) -> None:
     sums = jax.device_get(device_sums)
@@ -570,6 +572,11 @@ class _TrainLog:
     for key, value in sums.items():
       self._sums[key] = self._sums.get(key, 0.0) + float(value)
     self._steps += 1
+    if self._compiled:
+      self._rate_tokens += float(sums['tokens'])
+    else:  # the first step compiled the train step: rates start after it
+      self._progress.restart(step)
+      self._compiled = True
     if step % self._exp.config.log_every_steps == 0:
       self.write(step)
 
@@ -578,7 +585,8 @@ class _TrainLog:
       return
     scalars = summarize(self._sums)
     scalars['grad_norm'] = self._sums['grad_norm'] / self._steps
-    rates = self._progress.report(step, self._sums['tokens'])
+    rates = self._progress.report(step, self._rate_tokens)
+    self._rate_tokens = 0.0
     scalars.update(
       steps_per_s=rates['steps_per_s'], tokens_per_s=rates['tokens_per_s']
     )

@@ -75,6 +75,10 @@ class Progress:
     self._last_step = last_step
     self._step, self._time = first_step, time.perf_counter()
 
+  def restart(self, step: int) -> None:
+    """Times the next report from now (e.g. after a compiling first step)."""
+    self._step, self._time = step, time.perf_counter()
+
   def report(self, step: int, tokens: float) -> dict[str, float]:
     """Rates since the previous report; `tokens`: target tokens since then."""
     now = time.perf_counter()
