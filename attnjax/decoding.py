@@ -367,3 +367,89 @@ def beam_search(
     if attention is None
     else jnp.where(valid[..., None, None], best.attention, 0.0),
   )
+
+
+# ---------------------------------------------------------------------------
+# Searching a model.
+
+
+def check_search(beam_size: int, alpha: float) -> None:
+  """Fails early (before tracing) on settings the searches refuse."""
+  if not isinstance(beam_size, int) or beam_size < 1:
+    raise ValueError(
+      f'beam_size must be an integer >= 1 (1 is greedy search); got '
+      f'{beam_size!r}.'
+    )
+  if alpha < 0:
+    raise ValueError(
+      f'alpha, the GNMT length-penalty exponent, must be >= 0 (0 turns the '
+      f'penalty off); got {alpha}.'
+    )
+
+
+def decode_model(
+  model,
+  variables: Any,
+  inputs: Array,
+  *,
+  max_len: int,
+  beam_size: int = 1,
+  alpha: float = 0.0,
+  coverage_weight: float = 0.0,
+  source_lengths: Array | None = None,
+) -> Array:
+  """The output tokens `[batch, max_len]` of a sequence-to-sequence model.
+
+  Greedy search for `beam_size=1`, else beam search keeping each row's best
+  hypothesis. `model` is a linen module with the methods
+
+    encode(inputs, *, source_lengths=None) -> encoded
+    initial_decoder_state(encoded, inputs, *, source_lengths=None) -> state
+    decode_step(tokens [batch], state) -> (logits [batch, vocab], state)
+
+  and, for the coverage penalty, a static `attention_weights(state) ->
+  [batch, src_len] | None` (the weights of the step that gave `state`).
+  """
+  check_search(beam_size, alpha)
+  encoded = model.apply(
+    variables, inputs, source_lengths=source_lengths, method=model.encode
+  )
+  state = model.apply(
+    variables,
+    encoded,
+    inputs,
+    source_lengths=source_lengths,
+    method=model.initial_decoder_state,
+  )
+
+  def step_fn(tokens, state):
+    logits, state = model.apply(
+      variables, tokens, state, method=model.decode_step
+    )
+    return jax.nn.log_softmax(logits), state
+
+  batch_size = inputs.shape[0]
+  if beam_size == 1 and coverage_weight == 0:
+    return greedy_search(
+      step_fn, state, batch_size=batch_size, max_len=max_len
+    ).tokens
+  attention_fn = None
+  if coverage_weight > 0:
+    attention_fn = getattr(model, 'attention_weights', None)
+    if attention_fn is None or attention_fn(state) is None:
+      raise ValueError(
+        'the coverage penalty needs attention weights, and this model '
+        'records none; set coverage_weight=0.'
+      )
+  result = beam_search(
+    step_fn,
+    state,
+    batch_size=batch_size,
+    beam_size=beam_size,
+    max_len=max_len,
+    alpha=alpha,
+    coverage_weight=coverage_weight,
+    num_return=1,
+    attention_fn=attention_fn,
+  )
+  return result.tokens[:, 0]

@@ -144,6 +144,39 @@ def make_score(
   """
   if callable(score):
     return score
+  params = score_params(
+    module,
+    score,
+    q_depth,
+    k_depth,
+    hidden=hidden,
+    max_len=max_len,
+    use_bias=use_bias,
+    num_heads=num_heads,
+    param_dtype=param_dtype,
+  )
+  return _bind_score(score, params, heads=num_heads is not None)
+
+
+def score_params(
+  module: nn.Module,
+  score: str,
+  q_depth: int,
+  k_depth: int,
+  *,
+  hidden: int | None = None,
+  max_len: int | None = None,
+  use_bias: bool = True,
+  num_heads: int | None = None,
+  param_dtype: Dtype = jnp.float32,
+) -> dict[str, Array]:
+  """Creates the weights of the registered score `score` in `module`.
+
+  Returns them by the score function's keyword names (`w_q`, `w_k`, `v`,
+  ...); the module's parameters are named `score_<keyword>`. For callers
+  that apply the score in pieces (e.g. project the keys once per sequence);
+  `make_score` binds them instead.
+  """
   hidden = hidden or k_depth
   specs = _score_param_specs(score, q_depth, k_depth, hidden, max_len, use_bias)
   params = {}
@@ -154,7 +187,7 @@ def make_score(
     params[param_name] = _param(
       module, f'score_{param_name}', spec.init, shape, axes, param_dtype
     )
-  return _bind_score(score, params, heads=num_heads is not None)
+  return params
 
 
 class ScoredAttention(nn.Module):

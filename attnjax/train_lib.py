@@ -298,6 +298,7 @@ def build_model(config: ml_collections.ConfigDict, task) -> nn.Module:
       f'config.model has fields the model does not take: {unknown}. Known: '
       f'{", ".join(sorted(known))}.'
     )
+  fields.setdefault('max_source_len', task.max_source_len)
   model_config = seq2seq.Seq2SeqConfig(
     source_vocab_size=task.vocab.size,
     target_vocab_size=task.vocab.size,
@@ -401,19 +402,6 @@ def make_train_step(exp: Experiment):
   )
 
 
-def check_search(beam_size: int, alpha: float) -> None:
-  if not isinstance(beam_size, int) or beam_size < 1:
-    raise ValueError(
-      f'beam_size must be an integer >= 1 (1 is greedy search); got '
-      f'{beam_size!r}.'
-    )
-  if alpha < 0:
-    raise ValueError(
-      f'alpha, the GNMT length-penalty exponent, must be >= 0 (0 turns the '
-      f'penalty off); got {alpha}.'
-    )
-
-
 def search(
   model,
   params,
@@ -423,43 +411,21 @@ def search(
   beam_size: int = 1,
   alpha: float = 0.0,
 ) -> Array:
-  """Output tokens `[batch, max_len]` of greedy (beam_size 1) or beam search.
-
-  Drives the model's decoder one step at a time through the shared searches
-  of `attnjax.decoding`; beam search returns each row's best hypothesis.
-  """
-  variables = {'params': params}
-  encoded = model.apply(variables, inputs, method=model.encode)
-  state = model.apply(
-    variables, encoded, inputs, method=model.initial_decoder_state
-  )
-
-  def step_fn(tokens, state):
-    logits, state = model.apply(
-      variables, tokens, state, method=model.decode_step
-    )
-    return jax.nn.log_softmax(logits), state
-
-  batch_size = inputs.shape[0]
-  if beam_size == 1:
-    return decoding.greedy_search(
-      step_fn, state, batch_size=batch_size, max_len=max_len
-    ).tokens
-  result = decoding.beam_search(
-    step_fn,
-    state,
-    batch_size=batch_size,
-    beam_size=beam_size,
+  """Output tokens `[batch, max_len]` of greedy (beam_size 1) or beam search
+  (see `decoding.decode_model`)."""
+  return decoding.decode_model(
+    model,
+    {'params': params},
+    inputs,
     max_len=max_len,
+    beam_size=beam_size,
     alpha=alpha,
-    num_return=1,
   )
-  return result.tokens[:, 0]
 
 
 def make_eval_step(exp: Experiment, *, beam_size: int = 1, alpha: float = 0.0):
   """Teacher-forced metrics and decoded tokens of one held-out batch."""
-  check_search(beam_size, alpha)
+  decoding.check_search(beam_size, alpha)
   model, pad_id = exp.model, vocab_lib.PAD_ID
 
   def eval_step(params, batch):
@@ -758,6 +724,17 @@ def load_trained(workdir) -> tuple[Experiment, Any]:
   return exp, params
 
 
+def source_batch(task: synthetic.Task, sources: Sequence[str]) -> np.ndarray:
+  """Raw source strings as the model's input rows: int32 `[len(sources),
+  max_source_len]`, right-padded with PAD (`task.prepare_source` checks each
+  string and raises ValueError on bad input)."""
+  rows = [task.prepare_source(text) for text in sources]
+  inputs = np.full((len(rows), task.max_source_len), vocab_lib.PAD_ID, np.int32)
+  for i, ids in enumerate(rows):
+    inputs[i, : len(ids)] = ids
+  return inputs
+
+
 def decode(
   exp: Experiment,
   params,
@@ -767,13 +744,9 @@ def decode(
   alpha: float = 0.0,
 ) -> list[str]:
   """The model's outputs for raw source strings (greedy or beam search)."""
-  check_search(beam_size, alpha)
+  decoding.check_search(beam_size, alpha)
   task, vocab = exp.task, exp.task.vocab
-  rows = [task.prepare_source(text) for text in sources]
-  width = task.max_source_len
-  inputs = np.full((len(rows), width), vocab_lib.PAD_ID, np.int32)
-  for i, ids in enumerate(rows):
-    inputs[i, : len(ids)] = ids
+  inputs = source_batch(task, sources)
   run = functools.partial(
     search,
     exp.model,

@@ -16,7 +16,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.heldout_size = 10_000  # Held-out examples for exact match.
 
   config.model = ml_collections.ConfigDict()
-  config.model.decoder = 'cho'  # 'sutskever' or 'cho'.
+  # 'sutskever', 'cho' (no attention), 'bahdanau' or 'luong'.
+  config.model.decoder = 'cho'
   config.model.cell = 'lstm'  # Recurrent cell: 'lstm' or 'gru'.
   config.model.embed_dim = 32  # Token embedding width.
   config.model.hidden_dim = 128  # Recurrent state width.
@@ -25,6 +26,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0  # Dropout on embeddings and RNN outputs.
   config.model.unroll = 1  # lax.scan unroll factor of the recurrences.
   config.model.dtype = 'float32'  # Computation dtype.
+  # Attention (bahdanau and luong decoders; see VARIANTS below):
+  # A name in attnjax.scores.SCORES; '' = the decoder's default.
+  config.model.score = ''
+  # soft, hard, local_m, local_p, monotonic or location_aware.
+  config.model.alignment = 'soft'
+  config.model.attention_dim = 0  # Additive score width H (0: hidden_dim).
+  config.model.project_keys = False  # Map encoder outputs to decoder width.
+  config.model.local_window = 3  # Half-width D of local attention.
+  config.model.input_feeding = True  # Luong: feed h~_{t-1} to the cell.
+  config.model.attention_noise = 1.0  # Monotonic pre-sigmoid noise std.
+  config.model.monotonic_bias = -2.0  # Initial monotonic score bias r.
+  config.model.gumbel_temperature = 1.0  # Hard attention's Gumbel-softmax.
+  config.model.location_channels = 8  # Location-aware filters.
+  config.model.location_kernel = 7  # Location-aware filter width (odd).
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'  # 'adam' or 'adamw'.
@@ -66,9 +81,48 @@ def make_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.log_every_steps = 5
   config.eval_every_steps = 10
   config.checkpoint_every_steps = 10
+  config.model.local_window = 2  # Fits the tiny tasks' 5-6 source tokens.
   return config
 
 
-def check_variant(variant: str) -> None:
-  if variant not in ('', 'tiny'):
-    raise ValueError(f"unknown config variant {variant!r}; known: '', 'tiny'.")
+# Model variants, selected by the config argument: `addition.py:bahdanau`,
+# `reverse.py:luong_dot,tiny`. Each names the config.model fields it sets.
+VARIANTS: dict[str, dict[str, object]] = {
+  'sutskever': dict(decoder='sutskever'),
+  'cho': dict(decoder='cho'),
+  'bahdanau': dict(decoder='bahdanau'),
+  'bahdanau_normed': dict(decoder='bahdanau', score='normed_additive'),
+  'luong_dot': dict(decoder='luong', score='dot'),
+  'luong_general': dict(decoder='luong', score='general'),
+  # Luong's "concat" score v^T tanh(W [h_t; h_s]) is the additive score.
+  'luong_concat': dict(decoder='luong', score='additive'),
+  'luong_location': dict(decoder='luong', score='location'),
+  'local_m': dict(decoder='luong', alignment='local_m'),
+  'local_p': dict(decoder='luong', alignment='local_p'),
+  'hard': dict(decoder='bahdanau', alignment='hard'),
+  'monotonic': dict(decoder='bahdanau', alignment='monotonic'),
+  'location_aware': dict(decoder='bahdanau', alignment='location_aware'),
+}
+
+
+def parse_variant(argument: str) -> tuple[str, bool]:
+  """`'bahdanau,tiny'` -> ('bahdanau', True); '' -> ('', False)."""
+  parts = [part for part in argument.split(',') if part]
+  tiny = 'tiny' in parts
+  names = [part for part in parts if part != 'tiny']
+  if len(names) > 1 or (names and names[0] not in VARIANTS):
+    raise ValueError(
+      f'unknown config variant {argument!r}: give at most one of '
+      f'{", ".join(VARIANTS)}, optionally with "tiny" (e.g. '
+      '"bahdanau,tiny").'
+    )
+  return (names[0] if names else ''), tiny
+
+
+def apply_variant(config: ml_collections.ConfigDict, name: str) -> None:
+  """Sets the model fields of the variant `name` ('' changes nothing)."""
+  for field, value in VARIANTS.get(name, {}).items():
+    config.model[field] = value
+  if config.model.score == 'dot' and config.model.bidirectional:
+    # The decoder state is half as wide as a bidirectional encoder's output.
+    config.model.project_keys = True

@@ -2,6 +2,8 @@
 
 A task where attention-free decoders struggle (the first output token needs
 the last input token), so the attention decoders' alignments are easy to read.
+
+python train.py --config=configs/reverse.py:bahdanau --workdir=/tmp/reverse
 """
 
 import string
@@ -12,7 +14,7 @@ from configs import base
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
-  base.check_variant(variant)
+  name, tiny = base.parse_variant(variant)
   config = base.get_base_config()
   config.data.task = 'reverse'  # attnjax.data.synthetic task name.
   config.data.alphabet = string.ascii_lowercase  # Characters of the strings.
@@ -20,7 +22,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.data.max_len = 30  # Longest string.
   config.model.bidirectional = True  # Both ends of the source in view.
   config.model.hidden_dim = 256  # Room for 30 characters in one state.
-  if variant == 'tiny':
+  base.apply_variant(config, name)
+  if tiny:
     base.make_tiny(config)
     config.data.min_len, config.data.max_len = 3, 6  # Short strings.
   return config

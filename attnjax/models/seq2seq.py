@@ -1,4 +1,4 @@
-"""RNN encoder-decoders: Sutskever et al. (2014) and Cho et al. (2014).
+"""RNN encoder-decoders, without and with attention.
 
 One encoder, several decoders behind one interface, chosen by
 `Seq2SeqConfig.decoder`:
@@ -8,10 +8,24 @@ One encoder, several decoders behind one interface, chosen by
 - `cho`: a context vector c = tanh(V h_N) summarises the source; it is fed to
   every decoder step (concatenated with the previous token's embedding) and to
   the maxout output layer, and s_0 = tanh(W c) (Cho et al. 2014).
+- `bahdanau`: attends from the previous state s_{t-1} before the cell
+  update; the cell and the maxout output layer see y_{t-1}, s_{t-1} and the
+  context c_t; s_0 = tanh(W_s h<-_1), the backward encoder's state at the
+  first source token (Bahdanau, Cho & Bengio 2015).
+- `luong`: attends from the new state h_t after the cell; the attentional
+  state h~_t = tanh(W_c [c_t; h_t]) gives the logits and is fed to the next
+  step's cell (input feeding); s_0 is the encoder's final state (Luong, Pham &
+  Manning 2015).
+
+The attention decoders take any score function of `attnjax.scores` and any
+alignment scheme (`Seq2SeqConfig.score`, `.alignment`; see
+`attnjax.models.rnn_attention`). Their states hold the encoder outputs with
+the key side of the score already projected, so the time loop only projects
+the query.
 
 A decoder is a `Decoder` subclass registered in `DECODERS`; see `Decoder` for
-what a new one (Bahdanau, Luong) implements. The model drives every decoder
-the same way, so greedy and beam search need nothing decoder-specific:
+what a new one implements. The model drives every decoder the same way, so
+greedy and beam search (`attnjax.decoding`) need nothing decoder-specific:
 
   encoded = model.apply(variables, inputs, method='encode')
   state = model.apply(variables, encoded, inputs,
@@ -52,6 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks
+from attnjax.models import rnn_attention
 
 Array = jax.Array
 Dtype = Any
@@ -79,7 +94,8 @@ class Seq2SeqConfig:
     num_layers: stacked RNN layers, in the encoder and in the decoder.
     cell: 'lstm' or 'gru' (see `CELLS`).
     bidirectional: a bidirectional encoder.
-    decoder: a key of `DECODERS` ('sutskever', 'cho').
+    decoder: a key of `DECODERS`: 'sutskever', 'cho' (no attention),
+      'bahdanau', 'luong'.
     dropout_rate: dropout on embeddings, between stacked layers and on the
       encoder outputs and the decoder's output layer inputs, when training.
     max_target_len: default number of tokens `greedy_decode` produces.
@@ -89,6 +105,25 @@ class Seq2SeqConfig:
     pad_id: padding token id.
     bos_id: beginning-of-sequence id, the decoder's first input.
     eos_id: end-of-sequence id; greedy decoding pads after it.
+    score: the attention decoders' score function, a name in
+      `attnjax.scores.SCORES`; '' picks the decoder's default ('additive'
+      for bahdanau, 'general' for luong, 'normed_additive' for monotonic
+      and 'location_aware' for location-aware alignments).
+    alignment: one of `rnn_attention.ALIGNMENTS`: 'soft', 'hard',
+      'local_m', 'local_p', 'monotonic', 'location_aware'.
+    attention_dim: H of the additive scores and of local-p's position
+      predictor; 0 means `hidden_dim`.
+    project_keys: map the encoder outputs to the decoder's width before
+      scoring (lets 'dot' attend over a bidirectional encoder).
+    max_source_len: most source positions the model attends over (the
+      'location' score has one weight column each); 0 if unknown.
+    local_window: D, the half-width of local attention's window.
+    input_feeding: luong feeds h~_{t-1} to the cell with y_{t-1}.
+    attention_noise: std of monotonic attention's pre-sigmoid noise.
+    monotonic_bias: initial score bias r of monotonic attention.
+    gumbel_temperature: temperature of hard attention's Gumbel-softmax.
+    location_channels: filters of the location-aware convolution.
+    location_kernel: odd width of the location-aware convolution.
   """
 
   source_vocab_size: int
@@ -106,6 +141,18 @@ class Seq2SeqConfig:
   pad_id: int = 0
   bos_id: int = 1
   eos_id: int = 2
+  score: str = ''
+  alignment: str = 'soft'
+  attention_dim: int = 0
+  project_keys: bool = False
+  max_source_len: int = 0
+  local_window: int = 4
+  input_feeding: bool = True
+  attention_noise: float = 1.0
+  monotonic_bias: float = -2.0
+  gumbel_temperature: float = 1.0
+  location_channels: int = 8
+  location_kernel: int = 7
 
   def __post_init__(self):
     for name in (
@@ -163,11 +210,66 @@ class Seq2SeqConfig:
       raise ValueError(
         f'Seq2SeqConfig pad_id, bos_id and eos_id must differ; got {ids}.'
       )
+    for name in ('attention_dim', 'max_source_len'):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 0:
+        raise ValueError(
+          f'Seq2SeqConfig.{name} must be an integer >= 0; got {value!r}.'
+        )
+    for name in ('project_keys', 'input_feeding'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(
+          f'Seq2SeqConfig.{name} must be True or False; got '
+          f'{getattr(self, name)!r}.'
+        )
+    if self.decoder in ATTENTION_DECODERS:
+      try:
+        self.attention_spec().check()
+      except ValueError as e:
+        raise ValueError(
+          f'Seq2SeqConfig (decoder {self.decoder!r}): {e}'
+        ) from None
+    elif self.score or self.alignment != 'soft':
+      raise ValueError(
+        f'decoder {self.decoder!r} has no attention, so score='
+        f'{self.score!r} and alignment={self.alignment!r} would be ignored. '
+        f'Use one of the attention decoders ({", ".join(ATTENTION_DECODERS)}) '
+        "or leave score '' and alignment 'soft'."
+      )
 
   @property
   def encoder_dim(self) -> int:
     """Width of the encoder outputs."""
     return self.hidden_dim * (2 if self.bidirectional else 1)
+
+  @property
+  def attention_score(self) -> str:
+    """`score`, or the default of the decoder and alignment."""
+    if self.score:
+      return self.score
+    if self.alignment in ('monotonic', 'location_aware'):
+      return {'monotonic': 'normed_additive'}.get(
+        self.alignment, self.alignment
+      )
+    return _DEFAULT_SCORES.get(self.decoder, 'additive')
+
+  def attention_spec(self) -> rnn_attention.AttentionSpec:
+    """The attention decoders' `rnn_attention.AttentionSpec`."""
+    return rnn_attention.AttentionSpec(
+      score=self.attention_score,
+      alignment=self.alignment,
+      query_dim=self.hidden_dim,
+      key_dim=self.encoder_dim,
+      hidden=self.attention_dim or self.hidden_dim,
+      max_source_len=self.max_source_len,
+      window=self.local_window,
+      project_keys=self.project_keys,
+      noise_std=self.attention_noise,
+      monotonic_bias=self.monotonic_bias,
+      temperature=self.gumbel_temperature,
+      location_channels=self.location_channels,
+      location_kernel=self.location_kernel,
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -499,7 +601,40 @@ class SutskeverDecoder(Decoder):
     return self.output_proj(features)
 
 
-class ChoDecoder(Decoder):
+class _MaxoutDecoder(Decoder):
+  """Shared parts of the Cho and Bahdanau decoders: every layer's initial
+  carry projected from one summary vector, and the maxout output layer."""
+
+  def setup(self):
+    super().setup()
+    config = self.config
+    num_parts = 2 if config.cell == 'lstm' else 1
+    self.init_projs = [
+      [_dense(config.hidden_dim, config) for _ in range(num_parts)]
+      for _ in range(config.num_layers)
+    ]
+    self.maxout_proj = _dense(2 * config.hidden_dim, config)
+    self.output_proj = _dense(config.target_vocab_size, config, 'vocab')
+
+  def carries_from(self, summary: Array) -> tuple[Carry, ...]:
+    """Each layer's carry from `summary`: tanh(W summary) per component."""
+    return tuple(
+      carry_from_parts(
+        self.config, tuple(jnp.tanh(proj(summary)) for proj in projs)
+      )
+      for projs in self.init_projs
+    )
+
+  def readout(self, features, *, train=False):
+    """Deep output with maxout: logits = G maxout_2(O features), the maxout
+    layer `hidden_dim` wide (Cho et al. 2014, Bahdanau et al. 2015)."""
+    features = self.dropout(features, deterministic=not train)
+    pre = self.maxout_proj(features)
+    hidden = jnp.max(pre.reshape(*pre.shape[:-1], -1, 2), axis=-1)
+    return self.output_proj(hidden)
+
+
+class ChoDecoder(_MaxoutDecoder):
   """A fixed context vector c conditions every step and the output layer.
 
   c = tanh(V h_N), with h_N the top encoder layer's final hidden state (for a
@@ -512,28 +647,14 @@ class ChoDecoder(Decoder):
 
   def setup(self):
     super().setup()
-    config = self.config
-    self.context_proj = _dense(config.hidden_dim, config)
-    num_parts = 2 if config.cell == 'lstm' else 1
-    self.init_projs = [
-      [_dense(config.hidden_dim, config) for _ in range(num_parts)]
-      for _ in range(config.num_layers)
-    ]
-    self.maxout_proj = _dense(2 * config.hidden_dim, config)
-    self.output_proj = _dense(config.target_vocab_size, config, 'vocab')
+    self.context_proj = _dense(self.config.hidden_dim, self.config)
 
   def initial_state(self, encoded, source_mask):
     del source_mask  # the final state already ignores the padding
     _, final_state = encoded
     summary = carry_hidden(self.config, final_state[-1])
     context = jnp.tanh(self.context_proj(summary))
-    carries = tuple(
-      carry_from_parts(
-        self.config, tuple(jnp.tanh(proj(context)) for proj in projs)
-      )
-      for projs in self.init_projs
-    )
-    return {'carries': carries, 'context': context}
+    return {'carries': self.carries_from(context), 'context': context}
 
   def recur(self, x, state, *, train=False):
     context = state['context']
@@ -544,17 +665,123 @@ class ChoDecoder(Decoder):
     )
     return features, {'carries': carries, 'context': context}
 
+
+def _attention(config: Seq2SeqConfig) -> rnn_attention.DecoderAttention:
+  return rnn_attention.DecoderAttention(
+    config.attention_spec(), dtype=config.dtype
+  )
+
+
+class BahdanauDecoder(_MaxoutDecoder):
+  """Attention from s_{t-1}, before the cell update (Bahdanau et al. 2015).
+
+  At step t, with s_{t-1} the top layer's previous hidden state:
+
+    c_t = sum_j a_tj h_j,  a_t = align(score(s_{t-1}, h))
+    s_t = cell([E y_{t-1}; c_t], s_{t-1})         (the bottom layer)
+    logits_t = G maxout_2(O [s_{t-1}; E y_{t-1}; c_t])
+
+  as in seed 000's `AttentionDecoder`. With a bidirectional encoder every
+  layer starts from tanh(W_s h<-_1), h<-_1 being the top encoder layer's
+  backward state at the first source token; otherwise from the encoder's
+  final hidden state.
+  """
+
+  def setup(self):
+    super().setup()
+    self.attention = _attention(self.config)
+
+  def initial_state(self, encoded, source_mask):
+    config = self.config
+    outputs, final_state = encoded
+    if config.bidirectional:
+      summary = outputs[:, 0, config.hidden_dim :]
+    else:
+      summary = carry_hidden(config, final_state[-1])
+    return {
+      'carries': self.carries_from(summary.astype(jnp.float32)),
+      'memory': self.attention.prepare(outputs, source_mask),
+      'attention': self.attention.initial_state(source_mask),
+    }
+
+  def recur(self, x, state, *, train=False):
+    carries = state['carries']
+    previous = carry_hidden(self.config, carries[-1]).astype(x.dtype)
+    context, _, attention = self.attention(
+      previous, state['memory'], state['attention'], train=train
+    )
+    context = context.astype(x.dtype)
+    inputs = jnp.concatenate([x, context], axis=-1)
+    _, carries = self.run_cells(inputs, carries, train=train)
+    features = jnp.concatenate([previous, x, context], axis=-1)
+    state = {**state, 'carries': carries, 'attention': attention}
+    return features, state
+
+
+class LuongDecoder(Decoder):
+  """Attention from h_t, after the cell update (Luong et al. 2015).
+
+  At step t, with h_t the top layer's new hidden state:
+
+    h_t = cell([E y_{t-1}; h~_{t-1}], h_{t-1})     (input feeding)
+    c_t = sum_j a_tj h_j,  a_t = align(score(h_t, h))
+    h~_t = tanh(W_c [c_t; h_t]),  logits_t = W_s h~_t
+
+  h~_0 = 0; the decoder starts from the encoder's final state (bridged if
+  bidirectional). Without `input_feeding` the cell sees E y_{t-1} alone.
+  """
+
+  def setup(self):
+    super().setup()
+    config = self.config
+    self.attention = _attention(config)
+    self.combine = _dense(config.hidden_dim, config, use_bias=False)
+    self.output_proj = _dense(config.target_vocab_size, config, 'vocab')
+
+  def initial_state(self, encoded, source_mask):
+    outputs, final_state = encoded
+    batch = outputs.shape[0]
+    return {
+      'carries': final_state,
+      'memory': self.attention.prepare(outputs, source_mask),
+      'attention': self.attention.initial_state(source_mask),
+      'attentional': jnp.zeros((batch, self.config.hidden_dim), jnp.float32),
+    }
+
+  def recur(self, x, state, *, train=False):
+    inputs = x
+    if self.config.input_feeding:
+      feed = state['attentional'].astype(x.dtype)
+      inputs = jnp.concatenate([x, feed], axis=-1)
+    output, carries = self.run_cells(inputs, state['carries'], train=train)
+    output = output.astype(x.dtype)
+    context, _, attention = self.attention(
+      output, state['memory'], state['attention'], train=train
+    )
+    combined = jnp.concatenate([context.astype(x.dtype), output], axis=-1)
+    attentional = jnp.tanh(self.combine(combined))
+    state = {
+      **state,
+      'carries': carries,
+      'attention': attention,
+      'attentional': attentional.astype(jnp.float32),
+    }
+    return attentional, state
+
   def readout(self, features, *, train=False):
     features = self.dropout(features, deterministic=not train)
-    pre = self.maxout_proj(features)
-    hidden = jnp.max(pre.reshape(*pre.shape[:-1], -1, 2), axis=-1)
-    return self.output_proj(hidden)
+    return self.output_proj(features)
 
 
 DECODERS: dict[str, type[Decoder]] = {
   'sutskever': SutskeverDecoder,
   'cho': ChoDecoder,
+  'bahdanau': BahdanauDecoder,
+  'luong': LuongDecoder,
 }
+# The decoders with attention, and their default score functions.
+ATTENTION_DECODERS = ('bahdanau', 'luong')
+_DEFAULT_SCORES = {'bahdanau': 'additive', 'luong': 'general'}
 
 
 # The model.
@@ -640,56 +867,14 @@ class Seq2Seq(nn.Module):
     source_mask = masks.length_mask(lengths, inputs.shape[1])
     return self.decoder.initial_state(encoded, source_mask)
 
+  @staticmethod
+  def attention_weights(state: State) -> Array | None:
+    """The attention weights `[batch, source_len]` of the step that gave
+    `state` (None for a decoder without attention)."""
+    attention = state.get('attention')
+    return None if attention is None else attention['alignment']
+
   def decode_step(self, tokens: Array, state: State) -> tuple[Array, State]:
     """`(logits [batch, target_vocab_size] float32, state)` after feeding the
     previous tokens `[batch]` (no dropout)."""
     return self.decoder.step(tokens, state)
-
-  def greedy_decode(
-    self,
-    inputs: Array,
-    *,
-    max_len: int | None = None,
-    source_lengths: Array | None = None,
-  ) -> Array:
-    """Greedy decoding for `max_len` steps (default `max_target_len`).
-
-    Returns:
-      int32 `[batch, max_len]`: the argmax tokens up to and including the
-      first EOS, PAD after it. A finished row is fed PAD; its later outputs
-      are discarded.
-    """
-    config = self.config
-    max_len = config.max_target_len if max_len is None else max_len
-    if not _is_int(max_len) or max_len < 1:
-      raise ValueError(
-        'greedy_decode: max_len must be a Python int >= 1 (static under '
-        f'jax.jit: bind it with functools.partial); got {max_len!r}.'
-      )
-    encoded = self.encode(inputs, source_lengths=source_lengths)
-    state = self.initial_decoder_state(
-      encoded, inputs, source_lengths=source_lengths
-    )
-
-    def body(decoder, carry, _):
-      tokens, done, state = carry
-      logits, state = decoder.step(tokens, state)
-      best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      out = jnp.where(done, config.pad_id, best)
-      done = done | (out == config.eos_id)
-      return (out, done, state), out
-
-    scan = nn.scan(
-      body,
-      variable_broadcast='params',
-      variable_axes={'intermediates': 1},
-      split_rngs={'params': False},
-      length=max_len,
-      out_axes=1,
-      unroll=config.unroll,
-    )
-    batch = inputs.shape[0]
-    bos = jnp.full((batch,), config.bos_id, jnp.int32)
-    done = jnp.zeros((batch,), bool)
-    _, tokens = scan(self.decoder, (bos, done, state), None)
-    return tokens

@@ -1,0 +1,143 @@
+"""RNN seq2seq train-step throughput beside the PyTorch peer.
+
+  python bench/seq2seq_throughput.py --torch_python=/path/to/venv/bin/python
+      [--models=lstm,bahdanau] [--rounds=3] [--steps=10] [--unroll=1]
+
+The sizes are those of `../shared/bench/torch_seq2seq_bench.py` (the PyTorch
+seq2seq tutorials on Multi30k): vocabularies 7853 / 5893, batch 128, source
+and target length 24, dropout 0.5, Adam 5e-4 with a global-norm clip of 1.
+
+- `lstm`: `sutskever`, embeddings 256, 2 x 512 LSTM encoder and decoder;
+- `bahdanau`: `bahdanau`, embeddings 256, bidirectional GRU 512 encoder,
+  GRU 512 decoder, additive attention (H = 512).
+
+Each round times `--steps` of our jitted train step (forward, backward,
+update; after two warm-up steps) and then runs the peer once (`--steps`
+timed steps after its own warm-up), so machine noise hits both alike. The
+table gives the median target tokens/s of each and their ratio. The peer is
+skipped without --torch_python (torch lives in its own virtual environment:
+`pip install torch==2.13.0 numpy`).
+"""
+
+import functools
+import pathlib
+import re
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from attnjax import train_lib
+from attnjax.models import seq2seq
+
+SOURCE_VOCAB, TARGET_VOCAB, BATCH, LENGTH = 7853, 5893, 128, 24
+MODELS = {
+  'lstm': dict(
+    decoder='sutskever', cell='lstm', embed_dim=256, hidden_dim=512,
+    num_layers=2,
+  ),
+  'bahdanau': dict(
+    decoder='bahdanau', cell='gru', embed_dim=256, hidden_dim=512,
+    bidirectional=True,
+  ),
+}  # fmt: skip
+PEER = pathlib.Path(__file__).resolve().parents[2] / (
+  'shared/bench/torch_seq2seq_bench.py'
+)
+
+_MODELS = flags.DEFINE_list('models', list(MODELS), 'Models to measure.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per round.')
+_UNROLL = flags.DEFINE_integer('unroll', 1, 'Unroll of the time scans.')
+_TORCH = flags.DEFINE_string(
+  'torch_python', '', 'Python of a virtual environment with torch.'
+)
+
+
+def _make_step(name: str):
+  """A jitted train step of model `name`, its state and a batch."""
+  config = seq2seq.Seq2SeqConfig(
+    source_vocab_size=SOURCE_VOCAB,
+    target_vocab_size=TARGET_VOCAB,
+    dropout_rate=0.5,
+    unroll=_UNROLL.value,
+    max_source_len=LENGTH,
+    **MODELS[name],
+  )
+  model = seq2seq.Seq2Seq(config)
+  rng = np.random.default_rng(0)
+  batch = {
+    'inputs': jnp.asarray(rng.integers(3, SOURCE_VOCAB, (BATCH, LENGTH))),
+    'targets': jnp.asarray(rng.integers(3, TARGET_VOCAB, (BATCH, LENGTH))),
+  }
+  params = jax.jit(
+    lambda key: model.init(key, batch['inputs'], batch['targets'], train=False)
+  )(jax.random.key(0))['params']
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(5e-4))
+  state = train_lib.TrainState.create(
+    apply_fn=model.apply, params=params, tx=tx
+  )
+  step = jax.jit(
+    functools.partial(
+      train_lib.train_step, model=model, pad_id=0, label_smoothing=0.0
+    ),
+    donate_argnums=0,
+  )
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  return step, state, batch, n_params
+
+
+def _time(step, state, batch, steps):
+  rng = jax.random.key(0)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, sums = step(state, batch, rng)
+  jax.block_until_ready(sums)
+  return state, BATCH * LENGTH * steps / (time.perf_counter() - start)
+
+
+def _peer(name: str) -> float:
+  command = [_TORCH.value, str(PEER), name, str(LENGTH), str(LENGTH)]
+  out = subprocess.run(
+    [*command, str(_STEPS.value)], capture_output=True, text=True, check=True
+  ).stdout
+  return float(re.search(r'tgt_tokens_per_s=(\d+)', out).group(1))
+
+
+def main(argv):
+  del argv
+  rows = []
+  for name in _MODELS.value:
+    step, state, batch, n_params = _make_step(name)
+    state, _ = _time(step, state, batch, 2)  # compile and warm up
+    ours, peers = [], []
+    for _ in range(_ROUNDS.value):
+      state, rate = _time(step, state, batch, _STEPS.value)
+      ours.append(rate)
+      if _TORCH.value:
+        peers.append(_peer(name))
+    rows.append((name, n_params, ours, peers))
+    print(f'{name}: attnjax {[round(r) for r in ours]} torch {peers}')
+  print(
+    f'\nbatch {BATCH}, lengths {LENGTH}, unroll {_UNROLL.value}, '
+    f'{len(jax.devices())} {jax.devices()[0].platform} device(s); median '
+    f'of {_ROUNDS.value} rounds of {_STEPS.value} steps, target tokens/s\n'
+  )
+  print('| model | params | attnjax | torch | ratio |')
+  print('|---|---|---|---|---|')
+  for name, n_params, ours, peers in rows:
+    mine = statistics.median(ours)
+    peer = statistics.median(peers) if peers else float('nan')
+    print(
+      f'| {name} | {n_params / 1e6:.1f}M | {mine:,.0f} | {peer:,.0f} | '
+      f'{mine / peer:.2f}x |'
+    )
+
+
+if __name__ == '__main__':
+  app.run(main)
