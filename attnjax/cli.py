@@ -1,12 +1,20 @@
 """`attnjax` command line: reuse a trained workdir.
 
-  attnjax decode --workdir DIR --input "123+456" [--input ...]
+  attnjax decode --workdir DIR --input "123+456" [--input ...] [--plot PATH]
   attnjax evaluate --workdir DIR [--split test] [--num_examples N]
+  attnjax plot --workdir DIR --input "123+456" [--input ...] --out PATH
 
-Both take --beam_size K (1, the default, is greedy search) and --alpha A
+All take --beam_size K (1, the default, is greedy search) and --alpha A
 (the GNMT length-penalty exponent of beam search).
 
-Both read the config saved in DIR and its latest checkpoint, on whatever
+`plot` (and `decode --plot`) draws the attention weights of the decoded
+output, source tokens along x and output tokens (EOS as </s>, spaces as ␣)
+along y, for a model with an attention decoder (bahdanau, luong). The suffix
+of PATH picks the format (.png, .pdf, .svg, ...); with several --input values
+each gets its own image, PATH with _0, _1, ... before the suffix
+(attention.png -> attention_0.png, attention_1.png).
+
+All read the config saved in DIR and its latest checkpoint, on whatever
 devices are present (also `python -m attnjax ...`).
 """
 
@@ -34,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     required=True,
     help='a source string; repeat for several',
   )
+  decode.add_argument(
+    '--plot',
+    metavar='PATH',
+    default=None,
+    help='also write attention heatmaps there (see above)',
+  )
   _search_flags(decode)
 
   evaluate = commands.add_parser('evaluate', help='print held-out metrics')
@@ -54,6 +68,24 @@ def _parser() -> argparse.ArgumentParser:
     '--show', type=int, default=5, help='example predictions to print'
   )
   _search_flags(evaluate)
+
+  plot = commands.add_parser(
+    'plot', help='draw the attention weights of the decoded output'
+  )
+  plot.add_argument('--workdir', required=True, help='a trained workdir')
+  plot.add_argument(
+    '--input',
+    action='append',
+    required=True,
+    help='a source string; repeat for several (one image each)',
+  )
+  plot.add_argument(
+    '--out',
+    metavar='PATH',
+    required=True,
+    help='the image file, e.g. attention.png (see above)',
+  )
+  _search_flags(plot)
   return parser
 
 
@@ -79,11 +111,27 @@ def main(argv: list[str] | None = None) -> int:
   checkpoints.quiet_orbax_logs(logging.ERROR)
 
   try:
+    plot_path = getattr(args, 'out' if args.command == 'plot' else 'plot', None)
+    if plot_path is not None:
+      from attnjax import plotting  # matplotlib, only when asked for
+
+      # Before the slow model load, so that a typo fails at once.
+      plotting.check_output_path(plot_path)
     exp, params = train_lib.load_trained(args.workdir)
-    if args.command == 'decode':
-      outputs = train_lib.decode(
-        exp, params, args.input, beam_size=args.beam_size, alpha=args.alpha
+    search = dict(beam_size=args.beam_size, alpha=args.alpha)
+    if plot_path is not None:
+      # Decodes once: the printed outputs are the plotted ones.
+      maps = plotting.attention_maps(exp, params, args.input, **search)
+      paths = plotting.plot_maps(
+        maps, plot_path, decoder=exp.config.model.decoder
       )
+      for amap, path in zip(maps, paths, strict=True):
+        print(f'{amap.source} -> {amap.output}')
+        # decode's stdout stays one line per input.
+        where = sys.stdout if args.command == 'plot' else sys.stderr
+        print(f'wrote {path}', file=where)
+    elif args.command == 'decode':
+      outputs = train_lib.decode(exp, params, args.input, **search)
       for source, output in zip(args.input, outputs, strict=True):
         print(f'{source} -> {output}')
     else:
@@ -102,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
       for source, target, predicted in examples:
         mark = 'ok ' if predicted == target else 'BAD'
         print(f'{mark} {source!r} -> {predicted!r} (target {target!r})')
-  except (ValueError, FileNotFoundError) as e:
+  # OSError: FileNotFoundError and an unwritable plot path.
+  except (ValueError, OSError) as e:
     print(f'attnjax {args.command}: error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -119,9 +119,13 @@ def main(argv):
     from attnjax import plotting
 
     exp, params = train_lib.load_trained(root / _HEATMAP.value)
-    path = root / f'{_HEATMAP.value}.png'
-    plotting.plot_workdir_attention(exp, params, _INPUT.value, path)
-    print(f'\nheatmap: {path}')
+    maps = plotting.attention_maps(exp, params, [_INPUT.value])
+    (path,) = plotting.plot_maps(
+      maps,
+      root / f'{_HEATMAP.value}.png',
+      decoder=f'{_TASK.value} {_HEATMAP.value}',
+    )
+    print(f'\nheatmap of {maps[0].source!r} -> {maps[0].output!r}: {path}')
 
 
 if __name__ == '__main__':

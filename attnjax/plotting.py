@@ -1,0 +1,293 @@
+"""Attention heatmaps of decoded outputs.
+
+`attention_maps(exp, params, sources)` decodes raw source strings (greedy or
+beam search) and returns, per source, the attention weights behind exactly
+that output: at eval time a decoder step is a pure function of the prefix, so
+the teacher-forced pass on (source, decoded tokens) repeats the search's steps
+on its path, and its sown `intermediates/.../attention_weights` `[batch,
+target_len, source_len]` are the weights each output token was produced with.
+`plot_attention` draws one map: source tokens along x, output tokens (up to
+and including EOS) along y.
+
+Figures are drawn on matplotlib's Agg canvas through `Figure` directly, not
+pyplot: nothing needs a display and the global backend is left alone.
+"""
+
+import dataclasses
+import functools
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.figure import Figure
+
+from attnjax import decoding, train_lib
+from attnjax.data import vocab as vocab_lib
+from attnjax.models import seq2seq
+
+Array = jax.Array
+
+EOS_LABEL = '</s>'
+# A space would be an invisible tick label; the addition task is full of them.
+SPACE_LABEL = '\u2423'  # '␣'
+DPI = 100
+_CELL_INCHES = 0.4  # One weight's square.
+_WEIGHTS_NAME = 'attention_weights'
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMap:
+  """The attention weights of one decoded output.
+
+  Attributes:
+    source: the source string as given.
+    output: the decoded text (EOS and padding removed).
+    source_labels: one label per source token (the task's formatting, e.g.
+      addition's left padding, included).
+    output_labels: one label per output token, EOS (`EOS_LABEL`) included
+      when the search produced it within the task's target length.
+    weights: float32 `[len(output_labels), len(source_labels)]`; row t holds
+      the weights output token t was predicted with.
+  """
+
+  source: str
+  output: str
+  source_labels: list[str]
+  output_labels: list[str]
+  weights: np.ndarray
+
+
+# ---------------------------------------------------------------------------
+# Weights.
+
+
+def find_attention_weights(intermediates: Any) -> Array | None:
+  """The decoder's sown attention weights `[batch, target_len, source_len]`
+  in the `intermediates` collection of a teacher-forced pass (None if the
+  decoder records none).
+
+  Raises:
+    ValueError: the decoder sows weights under several names (which one to
+      plot would be a guess).
+  """
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+    keys = [getattr(k, 'key', None) for k in path]
+    if _WEIGHTS_NAME in keys and 'decoder' in keys:
+      found.append((jax.tree_util.keystr(path), leaf))
+  if len(found) > 1:
+    names = ', '.join(name for name, _ in found)
+    raise ValueError(
+      f'the decoder records several sets of attention weights ({names}); '
+      'plotting supports one attention per decoder step.'
+    )
+  return found[0][1] if found else None
+
+
+def teacher_forced_weights(
+  model, params, inputs: Array, targets: Array
+) -> Array | None:
+  """Attention weights `[batch, target_len, source_len]` of the teacher-forced
+  pass of `targets` (no dropout), or None for a decoder without attention."""
+  _, state = model.apply(
+    {'params': params}, inputs, targets, train=False, mutable=['intermediates']
+  )
+  return find_attention_weights(state.get('intermediates', {}))
+
+
+def check_records_weights(exp: train_lib.Experiment) -> None:
+  """Raises ValueError if `exp`'s model records no attention weights.
+
+  Shapes only (`jax.eval_shape`): nothing is computed or compiled.
+  """
+  task = exp.task
+  inputs = jax.ShapeDtypeStruct((1, task.max_source_len), jnp.int32)
+  targets = jax.ShapeDtypeStruct((1, task.max_target_len), jnp.int32)
+  params = exp.unboxed_abstract_state().params
+  weights = jax.eval_shape(
+    functools.partial(teacher_forced_weights, exp.model),
+    params,
+    inputs,
+    targets,
+  )
+  if weights is None:
+    decoder = exp.config.model.decoder
+    attention = ' or '.join(seq2seq.ATTENTION_DECODERS)
+    raise ValueError(
+      f'the {decoder!r} decoder records no attention weights, so there is '
+      f'nothing to plot. Train a model with an attention decoder ({attention}'
+      '), e.g. python train.py --config=configs/addition.py:bahdanau '
+      '--workdir=...'
+    )
+
+
+# An untrained model may emit PAD or BOS before EOS; they must show too.
+_SPECIAL_LABELS = {
+  vocab_lib.PAD_ID: '<pad>',
+  vocab_lib.BOS_ID: '<s>',
+  vocab_lib.EOS_ID: EOS_LABEL,
+}
+
+
+def token_labels(vocab: vocab_lib.CharVocab, ids: Sequence[int]) -> list[str]:
+  """One tick label per token id: its character, spaces as `SPACE_LABEL`,
+  special ids as `<pad>`, `<s>`, `EOS_LABEL`."""
+  labels = []
+  for i in ids:
+    char = _SPECIAL_LABELS.get(i) or vocab.decode([i])
+    labels.append(SPACE_LABEL if char == ' ' else char)
+  return labels
+
+
+def attention_maps(
+  exp: train_lib.Experiment,
+  params,
+  sources: Sequence[str],
+  *,
+  beam_size: int = 1,
+  alpha: float = 0.0,
+) -> list[AttentionMap]:
+  """The decoded outputs of `sources` and their attention weights.
+
+  Raises:
+    ValueError: the model records no weights (checked before decoding), a
+      bad source string, or bad search settings.
+  """
+  decoding.check_search(beam_size, alpha)
+  check_records_weights(exp)
+  task, vocab, model = exp.task, exp.task.vocab, exp.model
+  inputs = train_lib.source_batch(task, sources)
+
+  def run(params, inputs):
+    tokens = train_lib.search(
+      model,
+      params,
+      inputs,
+      max_len=task.max_target_len,
+      beam_size=beam_size,
+      alpha=alpha,
+    )
+    return tokens, teacher_forced_weights(model, params, inputs, tokens)
+
+  tokens, weights = jax.device_get(jax.jit(run)(params, jnp.asarray(inputs)))
+  maps = []
+  for row, source in enumerate(sources):
+    source_ids = inputs[row][inputs[row] != vocab_lib.PAD_ID].tolist()
+    output_ids = tokens[row].tolist()
+    if vocab_lib.EOS_ID in output_ids:
+      output_ids = output_ids[: output_ids.index(vocab_lib.EOS_ID) + 1]
+    maps.append(
+      AttentionMap(
+        source=source,
+        output=vocab.decode(tokens[row]),
+        source_labels=token_labels(vocab, source_ids),
+        output_labels=token_labels(vocab, output_ids),
+        weights=np.asarray(
+          weights[row, : len(output_ids), : len(source_ids)], np.float32
+        ),
+      )
+    )
+  return maps
+
+
+# ---------------------------------------------------------------------------
+# Drawing.
+
+
+def check_output_path(path) -> pathlib.Path:
+  """`path` as a Path if an image can be written there, else ValueError.
+
+  Checked before any model is loaded, so a typo fails at once.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    raise ValueError(
+      f'{path} is a directory; give an image file name, e.g. '
+      f'{path / "attention.png"}.'
+    )
+  if not path.parent.is_dir():
+    raise ValueError(
+      f'the directory {path.parent} of {path} does not exist; create it or '
+      'write the plot elsewhere.'
+    )
+  formats = sorted(Figure().canvas.get_supported_filetypes())
+  if path.suffix.lower().lstrip('.') not in formats:
+    raise ValueError(
+      f'{path} needs an image format suffix matplotlib writes: '
+      f'{", ".join("." + f for f in formats)} (e.g. {path.stem}.png).'
+    )
+  return path
+
+
+def output_paths(path, count: int) -> list[pathlib.Path]:
+  """Where `count` plots go: `path` itself for one, else `path` with `_0`,
+  `_1`, ... before the suffix (`attention.png` -> `attention_0.png`)."""
+  path = pathlib.Path(path)
+  if count == 1:
+    return [path]
+  return [path.with_name(f'{path.stem}_{i}{path.suffix}') for i in range(count)]
+
+
+def figure_size(rows: int, cols: int) -> tuple[float, float]:
+  """(width, height) in inches of the plot of a `[rows, cols]` map: square
+  cells plus room for labels, title and colorbar."""
+  width = max(4.0, 2.5 + _CELL_INCHES * cols)
+  height = max(2.5, 1.6 + _CELL_INCHES * rows)
+  return width, height
+
+
+def plot_attention(
+  weights: np.ndarray,
+  source_labels: Sequence[str],
+  output_labels: Sequence[str],
+  path,
+  title: str | None = None,
+) -> pathlib.Path:
+  """Draws `weights` `[len(output_labels), len(source_labels)]` as a heatmap
+  (source tokens along x, output tokens along y, colours 0..1) and writes it
+  to `path`, whose suffix picks the format (.png, .pdf, .svg, ...).
+
+  Returns:
+    `path`, as a `pathlib.Path`.
+  """
+  weights = np.asarray(weights, np.float32)
+  shape = (len(output_labels), len(source_labels))
+  if weights.shape != shape:
+    raise ValueError(
+      f'weights have shape {weights.shape}; with {shape[0]} output and '
+      f'{shape[1]} source labels they must be {shape}.'
+    )
+  path = check_output_path(path)
+  fig = Figure(figsize=figure_size(*shape), dpi=DPI, layout='constrained')
+  ax = fig.add_subplot()
+  image = ax.imshow(weights, cmap='viridis', vmin=0.0, vmax=1.0)
+  mono = {'fontfamily': 'monospace'}
+  ax.set_xticks(range(shape[1]), list(source_labels), **mono)
+  ax.set_yticks(range(shape[0]), list(output_labels), **mono)
+  ax.set_xlabel('source')
+  ax.set_ylabel('output')
+  fig.colorbar(image, ax=ax, label='attention weight', shrink=0.9)
+  if title:
+    ax.set_title(title, fontsize='medium')
+  fig.savefig(path, dpi=DPI)
+  return path
+
+
+def plot_maps(
+  maps: Sequence[AttentionMap], path, *, decoder: str = ''
+) -> list[pathlib.Path]:
+  """Writes one plot per map (see `output_paths` for the file names)."""
+  paths = output_paths(path, len(maps))
+  for amap, out in zip(maps, paths, strict=True):
+    title = f'{amap.source!r} -> {amap.output!r}'
+    plot_attention(
+      amap.weights,
+      amap.source_labels,
+      amap.output_labels,
+      out,
+      title=f'{decoder}: {title}' if decoder else title,
+    )
+  return paths
