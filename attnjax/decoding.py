@@ -433,7 +433,7 @@ def decode_model(
     return greedy_search(
       step_fn, state, batch_size=batch_size, max_len=max_len
     ).tokens
-  attention_fn = None
+  attention_fn, source_mask = None, None
   if coverage_weight > 0:
     attention_fn = getattr(model, 'attention_weights', None)
     if attention_fn is None or attention_fn(state) is None:
@@ -441,6 +441,12 @@ def decode_model(
         'the coverage penalty needs attention weights, and this model '
         'records none; set coverage_weight=0.'
       )
+    # Padding is never attended; it must not count as uncovered source.
+    if source_lengths is None:
+      source_mask = inputs != PAD_ID
+    else:
+      positions = jnp.arange(inputs.shape[1])
+      source_mask = positions < jnp.asarray(source_lengths)[:, None]
   result = beam_search(
     step_fn,
     state,
@@ -451,5 +457,6 @@ def decode_model(
     coverage_weight=coverage_weight,
     num_return=1,
     attention_fn=attention_fn,
+    source_mask=source_mask,
   )
   return result.tokens[:, 0]

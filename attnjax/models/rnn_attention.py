@@ -137,10 +137,16 @@ class AttentionSpec:
           f'local_window <= {(self.max_source_len - 1) // 2}, or '
           "alignment='soft'."
         )
-    if self.alignment == 'location_aware' and self.location_kernel % 2 != 1:
-      raise ValueError(
-        f'location_kernel must be odd; got {self.location_kernel}.'
-      )
+    if self.alignment == 'location_aware':
+      kernel, channels = self.location_kernel, self.location_channels
+      if not isinstance(kernel, int) or kernel < 1 or kernel % 2 != 1:
+        raise ValueError(
+          f'location_kernel must be an odd integer >= 1; got {kernel!r}.'
+        )
+      if not isinstance(channels, int) or channels < 1:
+        raise ValueError(
+          f'location_channels must be an integer >= 1; got {channels!r}.'
+        )
     if self.temperature <= 0:
       raise ValueError(
         f'the hard attention temperature must be > 0; got {self.temperature}.'

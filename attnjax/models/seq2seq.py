@@ -98,7 +98,7 @@ class Seq2SeqConfig:
       'bahdanau', 'luong'.
     dropout_rate: dropout on embeddings, between stacked layers and on the
       encoder outputs and the decoder's output layer inputs, when training.
-    max_target_len: default number of tokens `greedy_decode` produces.
+    max_target_len: the longest target, EOS included (what searches produce).
     dtype: computation dtype (parameters and RNN carries stay float32;
       logits are returned in float32).
     unroll: unroll factor of the time scans.
