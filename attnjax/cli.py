@@ -35,13 +35,7 @@ def _parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest='command', required=True)
 
   decode = commands.add_parser('decode', help="print the model's output")
-  decode.add_argument('--workdir', required=True, help='a trained workdir')
-  decode.add_argument(
-    '--input',
-    action='append',
-    required=True,
-    help='a source string; repeat for several',
-  )
+  _source_flags(decode, 'a source string; repeat for several')
   decode.add_argument(
     '--plot',
     metavar='PATH',
@@ -72,13 +66,7 @@ def _parser() -> argparse.ArgumentParser:
   plot = commands.add_parser(
     'plot', help='draw the attention weights of the decoded output'
   )
-  plot.add_argument('--workdir', required=True, help='a trained workdir')
-  plot.add_argument(
-    '--input',
-    action='append',
-    required=True,
-    help='a source string; repeat for several (one image each)',
-  )
+  _source_flags(plot, 'a source string; repeat for several (one image each)')
   plot.add_argument(
     '--out',
     metavar='PATH',
@@ -87,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
   )
   _search_flags(plot)
   return parser
+
+
+def _source_flags(parser: argparse.ArgumentParser, input_help: str) -> None:
+  parser.add_argument('--workdir', required=True, help='a trained workdir')
+  parser.add_argument(
+    '--input', action='append', required=True, help=input_help
+  )
 
 
 def _search_flags(parser: argparse.ArgumentParser) -> None:

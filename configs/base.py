@@ -4,6 +4,8 @@ Each experiment config starts from `get_base_config()` and sets its data and
 whatever it changes; every field is commented here.
 """
 
+import string
+
 import ml_collections
 
 
@@ -66,6 +68,29 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1  # Data-parallel axis size (-1: all devices left).
   config.mesh.model = 1  # Model-parallel axis size.
   config.mesh.num_devices = 0  # Use the first N devices (0: all).
+  return config
+
+
+def get_string_task_config(
+  task: str, variant: str
+) -> ml_collections.ConfigDict:
+  """`copy` or `reverse` of strings of length 20-30 over a-z."""
+  name, tiny = parse_variant(variant)
+  config = get_base_config()
+  config.data.task = task  # attnjax.data.synthetic task name.
+  config.data.alphabet = string.ascii_lowercase  # Characters of the strings.
+  config.data.min_len = 20  # Shortest string.
+  config.data.max_len = 30  # Longest string.
+  config.data.heldout_size = 2000  # Greedy decoding of 31 steps is costly.
+  config.model.bidirectional = True  # Both ends of the source in view.
+  config.model.hidden_dim = 128  # Recurrent state width.
+  config.num_train_steps = 1500  # 192k strings; 30 decoder steps each.
+  config.eval_every_steps = 500  # Held-out evaluation (and at the end).
+  config.checkpoint_every_steps = 500  # Checkpoints (and at the end).
+  apply_variant(config, name)
+  if tiny:
+    make_tiny(config)
+    config.data.min_len, config.data.max_len = 3, 6  # Short strings.
   return config
 
 

@@ -247,10 +247,10 @@ class Seq2SeqConfig:
     """`score`, or the default of the decoder and alignment."""
     if self.score:
       return self.score
-    if self.alignment in ('monotonic', 'location_aware'):
-      return {'monotonic': 'normed_additive'}.get(
-        self.alignment, self.alignment
-      )
+    if self.alignment == 'monotonic':
+      return 'normed_additive'  # Raffel et al.'s energy
+    if self.alignment == 'location_aware':
+      return 'location_aware'
     return _DEFAULT_SCORES.get(self.decoder, 'additive')
 
   def attention_spec(self) -> rnn_attention.AttentionSpec:
