@@ -57,7 +57,8 @@ def _score_param_specs(
   if name in ('dot', 'scaled_dot', 'cosine'):
     return {}
   if name == 'general':
-    return {'w': _ParamSpec((q_depth, k_depth), ('embed', 'embed'), matrix)}
+    # A logical axis name may occur once per array; the key side has none.
+    return {'w': _ParamSpec((q_depth, k_depth), ('embed', None), matrix)}
   if name == 'additive':
     return {**additive, **(bias if use_bias else {})}
   if name == 'normed_additive':

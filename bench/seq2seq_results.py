@@ -11,7 +11,8 @@ Each variant (see `configs/base.py` VARIANTS) trains from scratch with
 gives the held-out exact match on the config's held-out set (10,000 examples)
 and the wall-clock time of the whole run (compilation and evaluations
 included). Rows are appended to `<workdir_root>/<task>/results.jsonl` as
-they finish, so an interrupted sweep keeps what it measured.
+they finish; the table lists the latest row of every variant in that file, so
+an interrupted sweep can be finished by running the remaining variants.
 
 With --heatmap, the named variant's attention for --input is drawn to
 `<workdir_root>/<task>/<variant>.png`.
@@ -93,11 +94,10 @@ def main(argv):
     raise app.UsageError('--heatmap needs --input, the source to plot.')
   root = pathlib.Path(_ROOT.value) / _TASK.value
   root.mkdir(parents=True, exist_ok=True)
-  rows = []
-  with open(root / 'results.jsonl', 'a') as log:
+  results = root / 'results.jsonl'
+  with open(results, 'a') as log:
     for name in _VARIANTS.value:
       row = _run(name, root)
-      rows.append(row)
       log.write(json.dumps(row) + '\n')
       log.flush()
       print(
@@ -105,7 +105,14 @@ def main(argv):
         f'{row["seconds"]:.0f} s',
         flush=True,
       )
-  print(f'\n{_TASK.value}, held-out exact match on {rows[0]["num_examples"]}')
+  # The latest row of every variant measured so far, also in earlier runs.
+  latest = {}
+  for line in results.read_text().splitlines():
+    row = json.loads(line)
+    latest[row['variant']] = row
+  rows = [latest[name] for name in base.VARIANTS if name in latest]
+  examples = rows[0]['num_examples']
+  print(f'\n{_TASK.value}, held-out exact match on {examples} examples')
   print('\n| variant | model | steps | exact match | token acc | time |')
   print('|---|---|---|---|---|---|')
   for row in rows:
