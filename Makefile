@@ -16,7 +16,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
 # The main job: train the default addition model from scratch, then show its
-# held-out exact match and a few predictions.
+# held-out exact match, a few predictions and a heatmap of its attention.
 RUN_DIR ?= workdirs/addition
 run: $(STAMP)
 	rm -rf $(RUN_DIR)
@@ -24,6 +24,8 @@ run: $(STAMP)
 	$(VENV)/bin/attnjax evaluate --workdir $(RUN_DIR) --show 8
 	$(VENV)/bin/attnjax decode --workdir $(RUN_DIR) --input '123+456' \
 	  --input '999+999' --input '7+8'
+	$(VENV)/bin/attnjax plot --workdir $(RUN_DIR) --input '123+456' \
+	  --out $(RUN_DIR)/attention.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check attnjax tests bench
