@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from attnjax import attention, layers, masks, scores
+from attnjax.training import sharding
 
 B, T, D, HEADS = 2, 7, 16, 4
 PARAM_SCORES = [
@@ -252,7 +253,10 @@ class TestMultiHeadAttention:
     specs = nn.get_partition_spec(boxed)
     assert tuple(specs['query']['kernel']) == ('embed', 'heads', 'kv')
     assert tuple(specs['out']['kernel']) == ('heads', 'kv', 'embed')
-    assert tuple(specs['score_w']) == ('heads', 'embed', 'embed')
+    # A logical name may occur once per array, or no mesh mapping exists.
+    assert tuple(specs['score_w']) == ('heads', 'embed', None)
+    mesh_specs = nn.logical_to_mesh(specs, sharding.LOGICAL_RULES)
+    assert tuple(mesh_specs['score_w']) == ('model', None, None)
 
 
 class TestAttention:
