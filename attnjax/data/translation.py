@@ -1,0 +1,480 @@
+"""TFDS builders for parallel text: `multi30k` and `anki` (no TensorFlow).
+
+Both builders write array_record files, so the splits are read back with
+random access through `tfds.data_source` (see `load_pairs`), which is what
+the Grain pipeline wants.
+
+- `multi30k`: German-English image captions (WMT16 multimodal task 1).
+  Splits `train` 29,000, `validation` 1,014, `test_2016` 1,000 pairs;
+  features `{'de': text, 'en': text}`, in file order. The six official
+  gzipped files are read from a local folder when one is given (the
+  `source_dir` argument, or `$ATTNJAX_DATA_DIR/multi30k/`), otherwise they
+  are downloaded from the official Multi30k GitHub repository.
+- `anki/fra-eng`, `anki/cmn-eng`: Tatoeba / ManyThings.org sentence pairs,
+  features `{'en', 'fr'}` / `{'en', 'zh'}`. There is no official split, so
+  each pair goes to train / validation / test by a hash of its normalised
+  English sentence (90 / 5 / 5 percent of the English sentences). Hashing
+  the English side, not the pair, keeps all translations of one English
+  sentence in the same split, so no test source is seen in training. Local
+  file: `source_dir/{fra,cmn}.txt` or under `$ATTNJAX_DATA_DIR` with the
+  layout of `../shared/data` (`anki_fra_eng/fra.txt`,
+  `anki_cmn_eng/attrib_version/cmn.txt`). ManyThings.org refuses scripted
+  downloads, so nothing is downloaded.
+
+Text is normalised the same way everywhere: a UTF-8 BOM and zero-width
+characters (U+200B, U+FEFF) are removed, no-break spaces (U+00A0, U+202F)
+become plain spaces and the ends are stripped.
+
+Bad input raises `TranslationDataError`, naming the file and the fix. Lines
+that are not UTF-8 (`on_bad_utf8`) and anki lines without 2 or 3 columns
+(`on_bad_line`) raise by default, or are skipped with a logged count when
+the option is `'skip'`. A skipped multi30k line drops the pair, on both
+sides. These options change what is written, so build with a different
+`data_dir` when changing them.
+"""
+
+import collections
+import gzip
+import hashlib
+import logging
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+DATA_DIR_ENV = 'ATTNJAX_DATA_DIR'
+MULTI30K_URL = (
+  'https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/'
+)
+# split name -> file stem of `{stem}.de.gz` / `{stem}.en.gz`.
+MULTI30K_SPLITS = {
+  'train': 'train',
+  'validation': 'val',
+  'test_2016': 'test_2016_flickr',
+}
+MULTI30K_FILES = tuple(
+  f'{stem}.{lang}.gz'
+  for stem in MULTI30K_SPLITS.values()
+  for lang in ('de', 'en')
+)
+# Percent of English sentences (by hash bucket) in each anki split.
+ANKI_SPLIT_PERCENT = {'train': 90, 'validation': 5, 'test': 5}
+ANKI_URL = 'https://www.manythings.org/anki/'
+
+OnBad = Literal['error', 'skip']
+
+_SPACES = str.maketrans(
+  {'\u00a0': ' ', '\u202f': ' ', '\u200b': None, '\ufeff': None}
+)
+_log = logging.getLogger(__name__)
+
+
+class TranslationDataError(ValueError):
+  """Bad or missing translation data; the message names the file and fix."""
+
+
+def normalize_text(text: str) -> str:
+  """Removes BOM / zero-width spaces, maps no-break spaces to ' ', strips."""
+  return text.translate(_SPACES).strip()
+
+
+def _check_on_bad(name: str, value: str) -> None:
+  if value not in ('error', 'skip'):
+    raise ValueError(f"{name} must be 'error' or 'skip', got {value!r}.")
+
+
+def _split_lines(data: bytes) -> list[bytes]:
+  """Splits on '\\n' only (str.splitlines would also split on U+2028...)."""
+  lines = data.split(b'\n')
+  if lines and not lines[-1]:
+    lines.pop()  # The file ends with a newline.
+  return [line.removesuffix(b'\r') for line in lines]
+
+
+def _decode_lines(
+  path: str, lines: list[bytes], on_bad_utf8: OnBad
+) -> list[str | None]:
+  """Decodes each line; a bad line is an error or None (to be skipped)."""
+  out = []
+  for i, line in enumerate(lines):
+    try:
+      out.append(line.decode('utf-8'))
+    except UnicodeDecodeError as e:
+      if on_bad_utf8 == 'error':
+        raise TranslationDataError(
+          f'{path}, line {i + 1}: not valid UTF-8 ({e.reason} at byte '
+          f'{e.start}: {line[e.start : e.start + 4]!r}). Re-encode the file '
+          'as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or build with '
+          "on_bad_utf8='skip' to drop such lines."
+        ) from None
+      out.append(None)
+  return out
+
+
+def _read_gzip(path: str) -> bytes:
+  try:
+    with open(path, 'rb') as f:
+      return gzip.decompress(f.read())
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    raise TranslationDataError(
+      f'{path} is not a valid gzip file ({e}). Delete it and download it '
+      f'again from {MULTI30K_URL}{os.path.basename(path)}'
+    ) from None
+
+
+def _data_dir_from_env(subdir: str) -> str | None:
+  root = os.environ.get(DATA_DIR_ENV)
+  return os.path.join(root, subdir) if root else None
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the builders here."""
+
+  # tfds 4.9's default `code_path` imports `importlib_resources`, which it
+  # declares only for Python < 3.9; point it at this file instead.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+
+class Multi30k(_Builder):
+  """Multi30k German-English (WMT16 multimodal task 1), in file order."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+
+  def __init__(
+    self,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    on_bad_utf8: OnBad = 'error',
+    file_format: str = 'array_record',
+    **kwargs,
+  ):
+    """`source_dir`: folder with the six .gz files; defaults to
+    `$ATTNJAX_DATA_DIR/multi30k`, and to downloading when neither is set."""
+    _check_on_bad('on_bad_utf8', on_bad_utf8)
+    self.source_dir = (
+      os.fspath(source_dir) if source_dir else _data_dir_from_env('multi30k')
+    )
+    self.on_bad_utf8 = on_bad_utf8
+    super().__init__(file_format=file_format, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+      features=tfds.features.FeaturesDict(
+        {'de': tfds.features.Text(), 'en': tfds.features.Text()}
+      ),
+      supervised_keys=('de', 'en'),
+      homepage='https://github.com/multi30k/dataset',
+      disable_shuffling=True,  # Keep file order: line i is example i.
+    )
+
+  def _split_generators(self, dl_manager):
+    if self.source_dir:
+      paths = _local_multi30k_files(self.source_dir)
+    else:
+      paths = dl_manager.download(
+        {name: MULTI30K_URL + name for name in MULTI30K_FILES}
+      )
+      paths = {name: os.fspath(p) for name, p in paths.items()}
+    return {
+      split: self._generate_examples(
+        paths[f'{stem}.de.gz'], paths[f'{stem}.en.gz']
+      )
+      for split, stem in MULTI30K_SPLITS.items()
+    }
+
+  def _generate_examples(self, de_path: str, en_path: str):
+    de_lines = _split_lines(_read_gzip(de_path))
+    en_lines = _split_lines(_read_gzip(en_path))
+    if len(de_lines) != len(en_lines):
+      raise TranslationDataError(
+        f'{de_path} has {len(de_lines)} lines but {en_path} has '
+        f'{len(en_lines)}; line i of one must translate line i of the other. '
+        f'One of them is truncated or from another release: download both '
+        f'again from {MULTI30K_URL}'
+      )
+    de = _decode_lines(de_path, de_lines, self.on_bad_utf8)
+    en = _decode_lines(en_path, en_lines, self.on_bad_utf8)
+    skipped = 0
+    for i, (d, e) in enumerate(zip(de, en, strict=True)):
+      if d is None or e is None:
+        skipped += 1
+        continue
+      yield i, {'de': normalize_text(d), 'en': normalize_text(e)}
+    if skipped:
+      _log.warning(
+        'Skipped %d line pairs that are not valid UTF-8 in %s / %s.',
+        skipped,
+        de_path,
+        en_path,
+      )
+
+
+def _local_multi30k_files(folder: str) -> dict[str, str]:
+  missing = [
+    name
+    for name in MULTI30K_FILES
+    if not os.path.isfile(os.path.join(folder, name))
+  ]
+  if missing:
+    what = 'does not exist' if not os.path.isdir(folder) else 'lacks files'
+    raise TranslationDataError(
+      f'Multi30k data folder {folder} {what}: expected '
+      f'{", ".join(MULTI30K_FILES)}; missing {", ".join(missing)}. Get them '
+      f'from {MULTI30K_URL} (data/task1/raw of '
+      'https://github.com/multi30k/dataset), or unset source_dir and '
+      f'${DATA_DIR_ENV} to let tfds download them.'
+    )
+  return {name: os.path.join(folder, name) for name in MULTI30K_FILES}
+
+
+class AnkiConfig(tfds.core.BuilderConfig):
+  """An anki language pair; the file's first column is always English."""
+
+  def __init__(
+    self, *, lang: str, file_name: str, subdirs: Sequence[str], **kwargs
+  ):
+    super().__init__(**kwargs)
+    self.lang = lang  # Feature name of the second column.
+    self.file_name = file_name
+    # Folders under $ATTNJAX_DATA_DIR that may hold the file.
+    self.subdirs = tuple(subdirs)
+
+
+class Anki(_Builder):
+  """Tatoeba / ManyThings.org sentence pairs with a hash-based split."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [
+    AnkiConfig(
+      name='fra-eng',
+      description='English-French, 2- or 3-column fra.txt.',
+      lang='fr',
+      file_name='fra.txt',
+      subdirs=('anki_fra_eng', 'fra-eng'),
+    ),
+    AnkiConfig(
+      name='cmn-eng',
+      description='English-Mandarin Chinese, 2- or 3-column cmn.txt.',
+      lang='zh',
+      file_name='cmn.txt',
+      subdirs=('anki_cmn_eng/attrib_version', 'anki_cmn_eng', 'cmn-eng'),
+    ),
+  ]
+
+  def __init__(
+    self,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    on_bad_utf8: OnBad = 'error',
+    on_bad_line: OnBad = 'error',
+    file_format: str = 'array_record',
+    **kwargs,
+  ):
+    """`source_dir`: folder holding `fra.txt` / `cmn.txt`; defaults to the
+    config's folder under `$ATTNJAX_DATA_DIR`."""
+    _check_on_bad('on_bad_utf8', on_bad_utf8)
+    _check_on_bad('on_bad_line', on_bad_line)
+    self.source_dir = os.fspath(source_dir) if source_dir else None
+    self.on_bad_utf8 = on_bad_utf8
+    self.on_bad_line = on_bad_line
+    super().__init__(file_format=file_format, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    lang = self.builder_config.lang
+    return self.dataset_info_from_configs(
+      features=tfds.features.FeaturesDict(
+        {'en': tfds.features.Text(), lang: tfds.features.Text()}
+      ),
+      supervised_keys=('en', lang),
+      homepage=ANKI_URL,
+    )
+
+  def _source_file(self) -> str:
+    config = self.builder_config
+    if self.source_dir:
+      candidates = [os.path.join(self.source_dir, config.file_name)]
+    elif root := os.environ.get(DATA_DIR_ENV):
+      candidates = [
+        os.path.join(root, sub, config.file_name) for sub in config.subdirs
+      ]
+    else:
+      candidates = []
+    for path in candidates:
+      if os.path.isfile(path):
+        return path
+    where = (
+      f'none of {", ".join(candidates)} exists'
+      if candidates
+      else f'neither source_dir nor ${DATA_DIR_ENV} is set'
+    )
+    raise TranslationDataError(
+      f'anki/{config.name}: {where}. Download {config.name}.zip from '
+      f'{ANKI_URL}, unzip it and pass the folder holding {config.file_name} '
+      f'as source_dir, or set ${DATA_DIR_ENV} to a folder with '
+      f'{config.subdirs[0]}/{config.file_name}.'
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Local files only.
+    pairs = read_anki_pairs(
+      self._source_file(),
+      on_bad_utf8=self.on_bad_utf8,
+      on_bad_line=self.on_bad_line,
+    )
+    by_split = collections.defaultdict(list)
+    for key, en, other in pairs:
+      by_split[anki_split(en)].append((key, en, other))
+    # tfds cannot write an empty split, which tiny files can give.
+    empty = [split for split in ANKI_SPLIT_PERCENT if not by_split[split]]
+    if empty:
+      _log.warning('anki: no examples for split(s) %s; left out.', empty)
+    return {
+      split: self._generate_examples(by_split[split])
+      for split in ANKI_SPLIT_PERCENT
+      if by_split[split]
+    }
+
+  def _generate_examples(self, pairs):
+    lang = self.builder_config.lang
+    for key, en, other in pairs:
+      yield key, {'en': en, lang: other}
+
+
+def anki_split(english: str) -> str:
+  """The split of a pair, from a stable hash of its English sentence."""
+  digest = hashlib.sha256(english.encode('utf-8')).digest()
+  bucket = int.from_bytes(digest[:8], 'little') % 100
+  for split, percent in ANKI_SPLIT_PERCENT.items():
+    if bucket < percent:
+      return split
+    bucket -= percent
+  raise AssertionError('ANKI_SPLIT_PERCENT must sum to 100.')
+
+
+def read_anki_pairs(
+  path: str, *, on_bad_utf8: OnBad = 'error', on_bad_line: OnBad = 'error'
+) -> list[tuple[int, str, str]]:
+  """Reads an anki file as `(line_number, english, other)` triples.
+
+  Accepts 2 columns (English, other) or 3 (plus attribution). Empty lines
+  are skipped silently; bad lines follow `on_bad_utf8` / `on_bad_line`.
+  """
+  with open(path, 'rb') as f:
+    data = f.read().removeprefix(b'\xef\xbb\xbf')
+  lines = _decode_lines(path, _split_lines(data), on_bad_utf8)
+  pairs, bad_utf8, bad_lines = [], 0, 0
+  for i, line in enumerate(lines):
+    if line is None:
+      bad_utf8 += 1
+      continue
+    if not normalize_text(line):
+      continue
+    cols = [normalize_text(c) for c in line.split('\t')]
+    if len(cols) not in (2, 3) or not cols[0] or not cols[1]:
+      if on_bad_line == 'error':
+        raise TranslationDataError(
+          f'{path}, line {i + 1}: expected English<TAB>translation'
+          f'[<TAB>attribution], got {len(cols)} column(s) '
+          f'{"with an empty sentence " if len(cols) in (2, 3) else ""}'
+          f'in {line[:80]!r}. Fix the line, or build with '
+          "on_bad_line='skip' to drop such lines."
+        )
+      bad_lines += 1
+      continue
+    pairs.append((i + 1, cols[0], cols[1]))
+  if bad_utf8:
+    _log.warning(
+      'Skipped %d lines that are not valid UTF-8 in %s.', bad_utf8, path
+    )
+  if bad_lines:
+    _log.warning('Skipped %d malformed lines in %s.', bad_lines, path)
+  return pairs
+
+
+# Which feature is the source and which the target, per dataset.
+_DIRECTIONS = {
+  'multi30k': ('de', 'en'),
+  'anki/fra-eng': ('en', 'fr'),
+  'anki/cmn-eng': ('en', 'zh'),
+}
+
+
+class PairSource(Sequence):
+  """Random-access `(source, target)` string pairs over a tfds data source."""
+
+  def __init__(self, data_source, source_key: str, target_key: str):
+    self._data = data_source
+    self.source_key = source_key
+    self.target_key = target_key
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    example = self._data[range(len(self))[index]]  # Negative, bounds.
+    return (
+      _as_str(example[self.source_key]),
+      _as_str(example[self.target_key]),
+    )
+
+  def __getitems__(self, indices: Sequence[int]) -> list[tuple[str, str]]:
+    """Batched read (about twice as fast per pair); Grain calls this."""
+    examples = self._data.__getitems__([range(len(self))[i] for i in indices])
+    return [
+      (_as_str(ex[self.source_key]), _as_str(ex[self.target_key]))
+      for ex in examples
+    ]
+
+  def __iter__(self) -> Iterator[tuple[str, str]]:
+    for start in range(0, len(self), 1024):
+      yield from self.__getitems__(range(start, min(start + 1024, len(self))))
+
+
+def _as_str(value) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def load_pairs(
+  name: str,
+  split: str,
+  *,
+  data_dir: str | os.PathLike | None = None,
+  reverse: bool = False,
+  **builder_kwargs,
+) -> PairSource:
+  """Builds `name` if needed and returns `split` as (source, target) pairs.
+
+  Args:
+    name: 'multi30k', 'anki/fra-eng' or 'anki/cmn-eng'.
+    split: a tfds split, e.g. 'train', 'validation', 'test_2016[:10]'.
+    data_dir: where tfds writes the array_record files (tfds's default when
+      None).
+    reverse: swap source and target (default directions: de->en, en->fr,
+      en->zh).
+    **builder_kwargs: `source_dir`, `on_bad_utf8`, `on_bad_line`.
+
+  Returns:
+    A sequence with random access, usable as a Grain data source.
+  """
+  if name not in _DIRECTIONS:
+    raise ValueError(f'Unknown dataset {name!r}; known: {list(_DIRECTIONS)}.')
+  source = tfds.data_source(
+    name,
+    split=split,
+    data_dir=os.fspath(data_dir) if data_dir else None,
+    builder_kwargs=builder_kwargs or None,
+  )
+  src, tgt = _DIRECTIONS[name]
+  if reverse:
+    src, tgt = tgt, src
+  return PairSource(source, src, tgt)

@@ -1,0 +1,457 @@
+"""Tests for the multi30k / anki TFDS builders in attnjax.data.translation."""
+
+import gzip
+import logging
+import os
+import pathlib
+
+import pytest
+import tensorflow_datasets as tfds
+
+from attnjax.data import translation
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
+MULTI30K_DIR = SHARED / 'multi30k'
+FRA_DIR = SHARED / 'anki_fra_eng'
+CMN_DIR = SHARED / 'anki_cmn_eng' / 'attrib_version'
+
+tfds.disable_progress_bar()
+
+
+@pytest.fixture(autouse=True)
+def _no_env_data_dir(monkeypatch):
+  monkeypatch.delenv(translation.DATA_DIR_ENV, raising=False)
+
+
+def _write_gz(path, data: bytes):
+  with gzip.open(path, 'wb') as f:
+    f.write(data)
+
+
+def _fake_multi30k(folder, n=(5, 3, 2), de_extra=b'', **overrides):
+  """Writes the six files with `n` lines per split; `overrides` by name."""
+  os.makedirs(folder, exist_ok=True)
+  for count, stem in zip(n, translation.MULTI30K_SPLITS.values(), strict=True):
+    for lang in ('de', 'en'):
+      name = f'{stem}.{lang}.gz'
+      lines = ''.join(f'{stem} {lang} {i}\n' for i in range(count))
+      data = overrides.get(name, lines.encode())
+      _write_gz(os.path.join(folder, name), data)
+  return folder
+
+
+def _build(builder_cls, tmp_path, **kwargs):
+  builder = builder_cls(data_dir=str(tmp_path / 'tfds'), **kwargs)
+  builder.download_and_prepare()
+  return builder
+
+
+def _pairs(builder, split, src, tgt):
+  source = builder.as_data_source(split=split)
+  return [
+    (ex[src].decode(), ex[tgt].decode())
+    for ex in (source[i] for i in range(len(source)))
+  ]
+
+
+# Multi30k on fixtures.
+
+
+def test_multi30k_fixture_splits_and_order(tmp_path):
+  folder = _fake_multi30k(tmp_path / 'm30k')
+  builder = _build(translation.Multi30k, tmp_path, source_dir=folder)
+  sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
+  assert sizes == {'train': 5, 'validation': 3, 'test_2016': 2}
+  assert _pairs(builder, 'validation', 'de', 'en') == [
+    (f'val de {i}', f'val en {i}') for i in range(3)
+  ]
+
+
+def test_multi30k_normalises_spaces(tmp_path):
+  de = '\ufeffEin\u00a0Hund\u200b.\n'.encode() + b'b\n' * 4
+  en = 'A\u202fdog .  \n'.encode() + b'b\n' * 4
+  folder = _fake_multi30k(
+    tmp_path / 'm30k', **{'train.de.gz': de, 'train.en.gz': en}
+  )
+  builder = _build(translation.Multi30k, tmp_path, source_dir=folder)
+  assert _pairs(builder, 'train', 'de', 'en')[0] == ('Ein Hund.', 'A dog .')
+
+
+def test_multi30k_env_var(tmp_path, monkeypatch):
+  _fake_multi30k(tmp_path / 'root' / 'multi30k')
+  monkeypatch.setenv(translation.DATA_DIR_ENV, str(tmp_path / 'root'))
+  builder = _build(translation.Multi30k, tmp_path)
+  assert builder.info.splits['train'].num_examples == 5
+
+
+def test_multi30k_downloads_without_a_folder(tmp_path, monkeypatch):
+  folder = _fake_multi30k(tmp_path / 'm30k')
+  requested = {}
+
+  def fake_download(self, url_or_urls):  # No internet here.
+    requested.update(url_or_urls)
+    return {
+      name: folder / url.rsplit('/', 1)[1] for name, url in url_or_urls.items()
+    }
+
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download', fake_download)
+  builder = _build(translation.Multi30k, tmp_path)
+  assert builder.info.splits['test_2016'].num_examples == 2
+  assert requested['val.de.gz'] == (
+    'https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/'
+    'raw/val.de.gz'
+  )
+  assert sorted(requested) == sorted(translation.MULTI30K_FILES)
+
+
+def test_multi30k_missing_folder(tmp_path):
+  builder = translation.Multi30k(
+    data_dir=str(tmp_path / 'tfds'), source_dir=tmp_path / 'nowhere'
+  )
+  with pytest.raises(translation.TranslationDataError) as e:
+    builder.download_and_prepare()
+  msg = str(e.value)
+  assert 'nowhere' in msg and 'does not exist' in msg
+  for name in translation.MULTI30K_FILES:
+    assert name in msg
+  assert 'github.com/multi30k/dataset' in msg
+
+
+def test_multi30k_missing_file(tmp_path):
+  folder = _fake_multi30k(tmp_path / 'm30k')
+  os.remove(folder / 'val.en.gz')
+  builder = translation.Multi30k(
+    data_dir=str(tmp_path / 'tfds'), source_dir=folder
+  )
+  with pytest.raises(
+    translation.TranslationDataError, match='missing val.en.gz'
+  ):
+    builder.download_and_prepare()
+
+
+def test_multi30k_corrupt_gzip(tmp_path):
+  folder = _fake_multi30k(tmp_path / 'm30k')
+  good = (folder / 'train.de.gz').read_bytes()
+  (folder / 'train.de.gz').write_bytes(good[: len(good) // 2])
+  builder = translation.Multi30k(
+    data_dir=str(tmp_path / 'tfds'), source_dir=folder
+  )
+  with pytest.raises(translation.TranslationDataError) as e:
+    builder.download_and_prepare()
+  assert 'train.de.gz is not a valid gzip file' in str(e.value)
+  assert 'download it again' in str(e.value)
+
+
+def test_multi30k_not_gzip_at_all(tmp_path):
+  folder = _fake_multi30k(tmp_path / 'm30k')
+  (folder / 'val.en.gz').write_bytes(b'plain text, not gzip\n')
+  builder = translation.Multi30k(
+    data_dir=str(tmp_path / 'tfds'), source_dir=folder
+  )
+  with pytest.raises(translation.TranslationDataError, match='val.en.gz'):
+    builder.download_and_prepare()
+
+
+def test_multi30k_mismatched_line_counts(tmp_path):
+  folder = _fake_multi30k(tmp_path / 'm30k', **{'val.en.gz': b'a\nb\n'})
+  builder = translation.Multi30k(
+    data_dir=str(tmp_path / 'tfds'), source_dir=folder
+  )
+  with pytest.raises(translation.TranslationDataError) as e:
+    builder.download_and_prepare()
+  msg = str(e.value)
+  assert 'val.de.gz has 3 lines' in msg and 'val.en.gz has 2' in msg
+
+
+def test_multi30k_bad_utf8_error_names_file_and_line(tmp_path):
+  folder = _fake_multi30k(
+    tmp_path / 'm30k', **{'train.en.gz': b'a\nb\n\xa3 c\nd\ne\n'}
+  )
+  builder = translation.Multi30k(
+    data_dir=str(tmp_path / 'tfds'), source_dir=folder
+  )
+  with pytest.raises(translation.TranslationDataError) as e:
+    builder.download_and_prepare()
+  assert 'train.en.gz, line 3: not valid UTF-8' in str(e.value)
+  assert "on_bad_utf8='skip'" in str(e.value)
+
+
+def test_multi30k_bad_utf8_skip_drops_the_pair(tmp_path, caplog):
+  folder = _fake_multi30k(
+    tmp_path / 'm30k', **{'train.en.gz': b'a\nb\n\xa3 c\nd\ne\n'}
+  )
+  with caplog.at_level(logging.WARNING, logger=translation.__name__):
+    builder = _build(
+      translation.Multi30k, tmp_path, source_dir=folder, on_bad_utf8='skip'
+    )
+  pairs = _pairs(builder, 'train', 'de', 'en')
+  assert [en for _, en in pairs] == ['a', 'b', 'd', 'e']
+  assert pairs[2] == ('train de 3', 'd')  # Sides stay aligned.
+  assert 'Skipped 1 line pairs that are not valid UTF-8' in caplog.text
+
+
+def test_bad_option_value():
+  with pytest.raises(ValueError, match='on_bad_utf8'):
+    translation.Multi30k(on_bad_utf8='ignore')
+
+
+# Anki on fixtures.
+
+_ANKI_LINES = [
+  '\ufeffGo.\tVa !\tCC-BY 2.0 (France) Attribution: tatoeba.org #2877272',
+  'Hi.\tSalut\u00a0!',
+  '',
+  '   ',
+  'Run!\tCours\u202f!\u200b',
+  'Who?\tQui ?\tCC-BY attribution',
+  'Wow!\tÇa alors\u00a0!',
+]
+
+
+def _anki_file(folder, lines, name='fra.txt', raw_tail=b''):
+  os.makedirs(folder, exist_ok=True)
+  path = folder / name
+  path.write_bytes('\n'.join(lines).encode() + b'\n' + raw_tail)
+  return folder
+
+
+def _anki_all(builder, other='fr'):
+  pairs = []
+  for split in builder.info.splits:  # Tiny files leave some empty.
+    pairs += _pairs(builder, split, 'en', other)
+  return sorted(pairs)
+
+
+def test_anki_fixture_formats(tmp_path):
+  folder = _anki_file(tmp_path / 'src', _ANKI_LINES)
+  builder = _build(
+    translation.Anki, tmp_path, config='fra-eng', source_dir=folder
+  )
+  assert _anki_all(builder) == sorted(
+    [
+      ('Go.', 'Va !'),
+      ('Hi.', 'Salut !'),
+      ('Run!', 'Cours !'),
+      ('Who?', 'Qui ?'),
+      ('Wow!', 'Ça alors !'),
+    ]
+  )
+  for split, info in builder.info.splits.items():
+    pairs = _pairs(builder, split, 'en', 'fr')
+    assert info.num_examples == len(pairs)
+    assert all(translation.anki_split(en) == split for en, _ in pairs)
+
+
+def test_anki_cmn_config_features(tmp_path):
+  folder = _anki_file(
+    tmp_path / 'src',
+    ['\ufeffHi.\t嗨。\tCC-BY x', 'Run.\t你\u200b好。'],
+    'cmn.txt',
+  )
+  builder = _build(
+    translation.Anki, tmp_path, config='cmn-eng', source_dir=folder
+  )
+  assert set(builder.info.features) == {'en', 'zh'}
+  assert _anki_all(builder, 'zh') == [('Hi.', '嗨。'), ('Run.', '你好。')]
+
+
+@pytest.mark.parametrize(
+  'bad_line',
+  ['just one column', 'a\tb\tc\td', 'Hello.\t   ', '\tBonjour.'],
+)
+def test_anki_malformed_line_error(tmp_path, bad_line):
+  folder = _anki_file(tmp_path / 'src', ['Go.\tVa !', bad_line, 'Hi.\tSalut !'])
+  builder = translation.Anki(
+    config='fra-eng', data_dir=str(tmp_path / 'tfds'), source_dir=folder
+  )
+  with pytest.raises(translation.TranslationDataError) as e:
+    builder.download_and_prepare()
+  msg = str(e.value)
+  assert 'fra.txt, line 2' in msg and "on_bad_line='skip'" in msg
+
+
+def test_anki_malformed_lines_skip(tmp_path, caplog):
+  lines = _ANKI_LINES + ['one column', 'a\tb\tc\td']
+  folder = _anki_file(tmp_path / 'src', lines)
+  with caplog.at_level(logging.WARNING, logger=translation.__name__):
+    builder = _build(
+      translation.Anki,
+      tmp_path,
+      config='fra-eng',
+      source_dir=folder,
+      on_bad_line='skip',
+    )
+  assert len(_anki_all(builder)) == 5
+  assert 'Skipped 2 malformed lines' in caplog.text
+
+
+def test_anki_bad_utf8(tmp_path, caplog):
+  folder = _anki_file(
+    tmp_path / 'src',
+    ['Go.\tVa !'],
+    raw_tail=b'Caf\xe9.\tCaf\xe9.\nHi.\tSalut\n',
+  )
+  builder = translation.Anki(
+    config='fra-eng', data_dir=str(tmp_path / 'tfds'), source_dir=folder
+  )
+  with pytest.raises(
+    translation.TranslationDataError, match='fra.txt, line 2: not valid UTF-8'
+  ):
+    builder.download_and_prepare()
+  with caplog.at_level(logging.WARNING, logger=translation.__name__):
+    builder = _build(
+      translation.Anki,
+      tmp_path / 'skip',
+      config='fra-eng',
+      source_dir=folder,
+      on_bad_utf8='skip',
+    )
+  assert _anki_all(builder) == [('Go.', 'Va !'), ('Hi.', 'Salut')]
+  assert 'Skipped 1 lines that are not valid UTF-8' in caplog.text
+
+
+def test_anki_missing_file(tmp_path, monkeypatch):
+  builder = translation.Anki(
+    config='cmn-eng', data_dir=str(tmp_path / 'tfds'), source_dir=tmp_path
+  )
+  with pytest.raises(translation.TranslationDataError) as e:
+    builder.download_and_prepare()
+  assert 'cmn.txt' in str(e.value) and 'manythings.org/anki' in str(e.value)
+  builder = translation.Anki(config='fra-eng', data_dir=str(tmp_path / 'tfds'))
+  with pytest.raises(
+    translation.TranslationDataError, match='ATTNJAX_DATA_DIR'
+  ):
+    builder.download_and_prepare()
+
+
+def test_anki_env_var_shared_layout(tmp_path, monkeypatch):
+  _anki_file(
+    tmp_path / 'root' / 'anki_cmn_eng' / 'attrib_version',
+    ['Hi.\t嗨。'],
+    'cmn.txt',
+  )
+  monkeypatch.setenv(translation.DATA_DIR_ENV, str(tmp_path / 'root'))
+  builder = _build(translation.Anki, tmp_path, config='cmn-eng')
+  assert _anki_all(builder, 'zh') == [('Hi.', '嗨。')]
+
+
+def test_anki_split_is_stable():
+  # Pinned: changing the hash or the ratios moves pairs between splits, so
+  # it must come with a new builder version.
+  assert translation.anki_split('sentence 0') == 'validation'
+  assert translation.anki_split('sentence 1') == 'train'
+  assert translation.anki_split('sentence 12') == 'test'
+  counts = {split: 0 for split in translation.ANKI_SPLIT_PERCENT}
+  for i in range(20_000):
+    counts[translation.anki_split(f'sentence {i}')] += 1
+  for split, percent in translation.ANKI_SPLIT_PERCENT.items():
+    assert abs(counts[split] / 20_000 - percent / 100) < 0.01
+
+
+# The shared copies.
+
+needs_shared = pytest.mark.skipif(
+  not MULTI30K_DIR.is_dir(), reason='../shared/data is not available'
+)
+
+
+def _gz_first_line(path):
+  with gzip.open(path, 'rt', encoding='utf-8') as f:
+    return f.readline().rstrip('\n')
+
+
+@needs_shared
+def test_multi30k_shared_copy(tmp_path):
+  data_dir = tmp_path / 'tfds'
+  expected = {'train': 29_000, 'validation': 1_014, 'test_2016': 1_000}
+  for split, stem in translation.MULTI30K_SPLITS.items():
+    pairs = translation.load_pairs(
+      'multi30k', split, data_dir=data_dir, source_dir=MULTI30K_DIR
+    )
+    assert len(pairs) == expected[split]
+    assert pairs[0] == (
+      _gz_first_line(MULTI30K_DIR / f'{stem}.de.gz'),
+      _gz_first_line(MULTI30K_DIR / f'{stem}.en.gz'),
+    )
+  pairs = translation.load_pairs(
+    'multi30k', 'train[-1:]', data_dir=data_dir, reverse=True
+  )
+  assert pairs[0] == (
+    'A man in shorts and a Hawaiian shirt leans over the rail of a pilot '
+    'boat, with fog and mountains in the background.',
+    'Ein Mann in Shorts und Hawaiihemd lehnt sich über das Geländer eines '
+    'Lotsenboots, mit Nebel und Bergen im Hintergrund.',
+  )
+
+
+@pytest.fixture(scope='module')
+def fra_builds(tmp_path_factory):
+  """The shared fra.txt built twice, in two data_dirs (about 10 s each)."""
+  if not FRA_DIR.is_dir():
+    pytest.skip('../shared/data is not available')
+  return [
+    _build(
+      translation.Anki,
+      tmp_path_factory.mktemp(f'fra{i}'),
+      config='fra-eng',
+      source_dir=FRA_DIR,
+    )
+    for i in range(2)
+  ]
+
+
+def _valid_anki_lines(path):
+  with open(path, encoding='utf-8-sig') as f:
+    lines = f.read().split('\n')
+  return sum(
+    len(cols) in (2, 3) and all(translation.normalize_text(c) for c in cols[:2])
+    for cols in (line.split('\t') for line in lines if line.strip())
+  )
+
+
+def _record_files(builder):
+  return {
+    path.name: path.read_bytes()
+    for path in sorted(builder.data_path.glob('*.array_record*'))
+  }
+
+
+def test_anki_fra_shared_copy(fra_builds):
+  first, second = fra_builds
+  splits = {
+    split: list(
+      translation.load_pairs(
+        'anki/fra-eng', split, data_dir=first.data_dir_root
+      )
+    )
+    for split in translation.ANKI_SPLIT_PERCENT
+  }
+  total = sum(len(p) for p in splits.values())
+  assert total == _valid_anki_lines(FRA_DIR / 'fra.txt') == 167_130
+  # Disjoint, also by English sentence (no source leaks into test).
+  english = {split: {en for en, _ in p} for split, p in splits.items()}
+  assert not english['train'] & english['validation']
+  assert not english['train'] & english['test']
+  assert not english['validation'] & english['test']
+  assert len(splits['train']) > 0.85 * total
+  # Deterministic: a second build writes the same bytes (examples, order).
+  records = _record_files(first)
+  assert len(records) == 3
+  assert records == _record_files(second)
+  # Normalised: no no-break or zero-width spaces left.
+  text = '\n'.join(s for pairs in splits.values() for p in pairs for s in p)
+  assert not any(c in text for c in ('\u00a0', '\u202f', '\u200b', '\ufeff'))
+
+
+@needs_shared
+def test_anki_cmn_shared_copy(tmp_path):
+  builder = _build(
+    translation.Anki, tmp_path, config='cmn-eng', source_dir=CMN_DIR
+  )
+  total = sum(s.num_examples for s in builder.info.splits.values())
+  assert total == _valid_anki_lines(CMN_DIR / 'cmn.txt') == 29_155
+  pairs = translation.load_pairs(
+    'anki/cmn-eng', 'test', data_dir=tmp_path / 'tfds'
+  )
+  assert len(pairs) == builder.info.splits['test'].num_examples
+  assert all('\u200b' not in zh for _, zh in pairs)
