@@ -408,9 +408,18 @@ def decode_model(
     decode_step(tokens [batch], state) -> (logits [batch, vocab], state)
 
   and, for the coverage penalty, a static `attention_weights(state) ->
-  [batch, src_len] | None` (the weights of the step that gave `state`).
+  [batch, src_len] | None` (the weights of the step that gave `state`). A
+  model whose decoder has a fixed-size cache says how many steps fit in a
+  `max_decode_len` attribute.
   """
   check_search(beam_size, alpha)
+  limit = getattr(model, 'max_decode_len', None)
+  if limit is not None and max_len > limit:
+    raise ValueError(
+      f'max_len={max_len} is more steps than the model can decode ({limit}, '
+      'the size of its key/value cache); lower max_len or build the model '
+      'with a larger maximum length.'
+    )
   encoded = model.apply(
     variables, inputs, source_lengths=source_lengths, method=model.encode
   )

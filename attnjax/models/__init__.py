@@ -10,6 +10,7 @@ from attnjax.models.seq2seq import (
   Seq2SeqConfig,
   SutskeverDecoder,
 )
+from attnjax.models.transformer import Transformer, TransformerConfig
 
 __all__ = [
   'CELLS',
@@ -20,4 +21,6 @@ __all__ = [
   'Seq2Seq',
   'Seq2SeqConfig',
   'SutskeverDecoder',
+  'Transformer',
+  'TransformerConfig',
 ]
