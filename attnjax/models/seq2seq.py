@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks
+from attnjax.models import _config_checks as checks
 from attnjax.models import rnn_attention
 
 Array = jax.Array
@@ -155,20 +156,23 @@ class Seq2SeqConfig:
   location_kernel: int = 7
 
   def __post_init__(self):
-    for name in (
-      'source_vocab_size',
-      'target_vocab_size',
-      'embed_dim',
-      'hidden_dim',
-      'num_layers',
-      'max_target_len',
-      'unroll',
-    ):
-      value = getattr(self, name)
-      if not _is_int(value) or value < 1:
-        raise ValueError(
-          f'Seq2SeqConfig.{name} must be an integer >= 1; got {value!r}.'
-        )
+    checks.ints(
+      self,
+      (
+        'source_vocab_size',
+        'target_vocab_size',
+        'embed_dim',
+        'hidden_dim',
+        'num_layers',
+        'max_target_len',
+        'unroll',
+      ),
+      minimum=1,
+    )
+    checks.ints(self, ('attention_dim', 'max_source_len'), minimum=0)
+    checks.bools(self, ('bidirectional', 'project_keys', 'input_feeding'))
+    checks.rates(self, ('dropout_rate',))
+    checks.special_ids(self)
     if self.cell not in CELLS:
       raise ValueError(
         f'Seq2SeqConfig.cell must be one of {sorted(CELLS)}; got {self.cell!r}.'
@@ -178,50 +182,6 @@ class Seq2SeqConfig:
         f'Seq2SeqConfig.decoder must be one of {sorted(DECODERS)}; got '
         f'{self.decoder!r}.'
       )
-    if not isinstance(self.bidirectional, bool):
-      raise ValueError(
-        'Seq2SeqConfig.bidirectional must be True or False; got '
-        f'{self.bidirectional!r}.'
-      )
-    rate = self.dropout_rate
-    if isinstance(rate, bool) or not isinstance(rate, int | float):
-      raise ValueError(
-        f'Seq2SeqConfig.dropout_rate must be a number in [0, 1); got {rate!r}.'
-      )
-    if not 0 <= rate < 1:
-      raise ValueError(
-        f'Seq2SeqConfig.dropout_rate must be in [0, 1); got {rate!r}.'
-      )
-    ids = {'pad_id': self.pad_id, 'bos_id': self.bos_id, 'eos_id': self.eos_id}
-    for name, value in ids.items():
-      if not _is_int(value) or value < 0:
-        raise ValueError(
-          f'Seq2SeqConfig.{name} must be an integer >= 0; got {value!r}.'
-        )
-      for vocab in ('source_vocab_size', 'target_vocab_size'):
-        # BOS/EOS never occur in the source, but PAD does; a shared id space
-        # keeps the data layer simple, so all three must fit both.
-        if value >= getattr(self, vocab):
-          raise ValueError(
-            f'Seq2SeqConfig.{name}={value} must be < {vocab}='
-            f'{getattr(self, vocab)}.'
-          )
-    if len(set(ids.values())) != 3:
-      raise ValueError(
-        f'Seq2SeqConfig pad_id, bos_id and eos_id must differ; got {ids}.'
-      )
-    for name in ('attention_dim', 'max_source_len'):
-      value = getattr(self, name)
-      if not _is_int(value) or value < 0:
-        raise ValueError(
-          f'Seq2SeqConfig.{name} must be an integer >= 0; got {value!r}.'
-        )
-    for name in ('project_keys', 'input_feeding'):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(
-          f'Seq2SeqConfig.{name} must be True or False; got '
-          f'{getattr(self, name)!r}.'
-        )
     if self.decoder in ATTENTION_DECODERS:
       try:
         self.attention_spec().check()
@@ -270,10 +230,6 @@ class Seq2SeqConfig:
       location_channels=self.location_channels,
       location_kernel=self.location_kernel,
     )
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 # Parameter factories: one place for the logical axis names.

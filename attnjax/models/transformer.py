@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from attnjax import attention as attn_lib
 from attnjax import layers, masks, scores
+from attnjax.models import _config_checks as checks
 
 Array = jax.Array
 Dtype = Any
@@ -101,37 +102,29 @@ class TransformerConfig:
   eos_id: int = 2
 
   def __post_init__(self):
-    for name in (
-      'source_vocab_size',
-      'target_vocab_size',
-      'd_model',
-      'num_heads',
-      'num_encoder_layers',
-      'num_decoder_layers',
-      'mlp_dim',
-      'max_len',
-    ):
-      value = getattr(self, name)
-      if not _is_int(value) or value < 1:
-        raise ValueError(
-          f'TransformerConfig.{name} must be an integer >= 1; got {value!r}.'
-        )
+    checks.ints(
+      self,
+      (
+        'source_vocab_size',
+        'target_vocab_size',
+        'd_model',
+        'num_heads',
+        'num_encoder_layers',
+        'num_decoder_layers',
+        'mlp_dim',
+        'max_len',
+      ),
+      minimum=1,
+    )
+    checks.bools(self, ('pre_ln', 'share_embeddings'))
+    checks.rates(self, ('dropout_rate', 'attention_dropout_rate'))
+    checks.special_ids(self)
     if self.d_model % self.num_heads:
       raise ValueError(
         f'TransformerConfig.d_model={self.d_model} must be divisible by '
         f'num_heads={self.num_heads} (each head gets d_model / num_heads '
         'features); change one of them.'
       )
-    for name in ('dropout_rate', 'attention_dropout_rate'):
-      rate = getattr(self, name)
-      if isinstance(rate, bool) or not isinstance(rate, int | float):
-        raise ValueError(
-          f'TransformerConfig.{name} must be a number in [0, 1); got {rate!r}.'
-        )
-      if not 0 <= rate < 1:
-        raise ValueError(
-          f'TransformerConfig.{name} must be in [0, 1); got {rate!r}.'
-        )
     if self.positions not in POSITIONS:
       raise ValueError(
         f'TransformerConfig.positions must be one of {POSITIONS}; got '
@@ -143,12 +136,6 @@ class TransformerConfig:
         'sinusoidal positions (sine/cosine pairs); use an even d_model or '
         "positions='learned'."
       )
-    for name in ('pre_ln', 'share_embeddings'):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(
-          f'TransformerConfig.{name} must be True or False; got '
-          f'{getattr(self, name)!r}.'
-        )
     if (
       self.share_embeddings and self.source_vocab_size != self.target_vocab_size
     ):
@@ -165,30 +152,10 @@ class TransformerConfig:
         f'{sorted(set(scores.SCORES) - set(_POSITIONAL_SCORES))}.'
       )
     scores.get(self.score)  # raises for unknown names, listing the known
-    ids = {'pad_id': self.pad_id, 'bos_id': self.bos_id, 'eos_id': self.eos_id}
-    for name, value in ids.items():
-      if not _is_int(value) or value < 0:
-        raise ValueError(
-          f'TransformerConfig.{name} must be an integer >= 0; got {value!r}.'
-        )
-      for vocab in ('source_vocab_size', 'target_vocab_size'):
-        if value >= getattr(self, vocab):
-          raise ValueError(
-            f'TransformerConfig.{name}={value} must be < {vocab}='
-            f'{getattr(self, vocab)}.'
-          )
-    if len(set(ids.values())) != 3:
-      raise ValueError(
-        f'TransformerConfig pad_id, bos_id and eos_id must differ; got {ids}.'
-      )
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> Array:
