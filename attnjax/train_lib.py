@@ -27,9 +27,9 @@ import optax
 from flax.training import train_state
 
 from attnjax import decoding
-from attnjax.data import pipeline, synthetic
+from attnjax.data import parallel, pipeline, synthetic
 from attnjax.data import vocab as vocab_lib
-from attnjax.models import seq2seq
+from attnjax.models import seq2seq, transformer
 from attnjax.training import checkpoints, metrics, optim, sharding
 
 Array = jax.Array
@@ -45,11 +45,19 @@ _IDENTITY_FIELDS = (
   'data.alphabet',
   'data.min_len',
   'data.max_len',
+  'data.reverse',
+  'data.joint_vocab',
+  'data.vocab_size',
 )
 # Fields of config.data that are not arguments of the task.
 _DATA_FIELDS = ('task', 'seed', 'heldout_size')
+# config.model.architecture -> the model's config class.
+ARCHITECTURES = {
+  'rnn': seq2seq.Seq2SeqConfig,
+  'transformer': transformer.TransformerConfig,
+}
 
-
+Task = synthetic.Task | parallel.TranslationTask
 TrainState = train_state.TrainState
 
 
@@ -224,7 +232,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 @dataclasses.dataclass
 class Experiment:
   config: ml_collections.ConfigDict
-  task: synthetic.Task
+  task: Task
   model: nn.Module
   tx: optax.GradientTransformation
   mesh: jax.sharding.Mesh
@@ -232,8 +240,17 @@ class Experiment:
   state_shardings: Any
 
   @classmethod
-  def create(cls, config: ml_collections.ConfigDict) -> 'Experiment':
-    task = make_task(config)
+  def create(
+    cls,
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path | None = None,
+    *,
+    train_vocab: bool = True,
+  ) -> 'Experiment':
+    """Everything `config` defines. A translation task keeps its
+    vocabularies in `workdir` and trains them there if missing (unless
+    `train_vocab` is False, when a missing one raises)."""
+    task = make_task(config, workdir, train_vocab=train_vocab)
     model = build_model(config, task)
     tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
     mesh = sharding.make_mesh(
@@ -266,44 +283,103 @@ class Experiment:
   def train_iterator(self) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of each training batch, as numpy arrays."""
     index, count = sharding.process_rows(self.mesh, self.config.batch_size)
-    dataset = pipeline.train_dataset(
-      self.task,
-      global_batch_size=self.config.batch_size,
-      seed=self.config.data.seed,
-      process_index=index,
-      process_count=count,
-    )
+    if isinstance(self.task, parallel.TranslationTask):
+      dataset = self.task.train_dataset(
+        global_batch_size=self.config.batch_size,
+        process_index=index,
+        process_count=count,
+      )
+    else:
+      dataset = pipeline.train_dataset(
+        self.task,
+        global_batch_size=self.config.batch_size,
+        seed=self.config.data.seed,
+        process_index=index,
+        process_count=count,
+      )
     return iter(dataset)
 
+  def heldout(
+    self, split: str | None = None, n: int | None = None
+  ) -> pipeline.HeldOut:
+    """The first `n` examples (default `config.data.heldout_size`) of a
+    held-out split (default: the one scored during training)."""
+    task, batch_size = self.task, self.config.eval_batch_size
+    n = self.config.data.heldout_size if n is None else n
+    if split is not None and split not in task.splits:
+      raise ValueError(
+        f'unknown split {split!r}: the {task.name} task has '
+        f'{", ".join(task.splits)}.'
+      )
+    if isinstance(task, parallel.TranslationTask):
+      return task.heldout(split or 'validation', n=n, batch_size=batch_size)
+    return pipeline.heldout_set(task, n=n, batch_size=batch_size)
+
   @functools.cached_property
-  def heldout_batches(self) -> list[dict[str, np.ndarray]]:
-    return pipeline.heldout_batches(
-      self.task,
-      n=self.config.data.heldout_size,
-      batch_size=self.config.eval_batch_size,
+  def heldout_set(self) -> pipeline.HeldOut:
+    """`heldout()`, kept for the evaluations during training."""
+    return self.heldout()
+
+  def vocab_digests(self) -> dict[str, str]:
+    """Fingerprints of the vocabulary files ({} for synthetic tasks)."""
+    if isinstance(self.task, parallel.TranslationTask):
+      return self.task.vocab_digests()
+    return {}
+
+
+def make_task(
+  config: ml_collections.ConfigDict,
+  workdir: str | pathlib.Path | None = None,
+  *,
+  train_vocab: bool = True,
+) -> Task:
+  if config.data.task in parallel.TASKS:
+    if workdir is None:
+      raise ValueError(
+        f'the {config.data.task} task keeps its vocabularies in the workdir; '
+        'pass one.'
+      )
+    return parallel.TranslationTask.create(
+      config.data, workdir, train_vocab=train_vocab
     )
-
-
-def make_task(config: ml_collections.ConfigDict) -> synthetic.Task:
   kwargs = {k: v for k, v in config.data.items() if k not in _DATA_FIELDS}
   return synthetic.make_task(config.data.task, **kwargs)
 
 
+def model_name(config: ml_collections.ConfigDict) -> str:
+  """'transformer', or the RNN decoder's name (e.g. 'bahdanau')."""
+  architecture = config.model.get('architecture', 'rnn')
+  return config.model.decoder if architecture == 'rnn' else architecture
+
+
 def build_model(config: ml_collections.ConfigDict, task) -> nn.Module:
+  """The model of `config.model` (`architecture` 'rnn', the default, or
+  'transformer'), sized for `task`'s vocabularies and lengths."""
   fields = dict(config.model)
+  architecture = fields.pop('architecture', 'rnn')
+  if architecture not in ARCHITECTURES:
+    raise ValueError(
+      f'config.model.architecture={architecture!r} is unknown; choose one of '
+      f'{", ".join(ARCHITECTURES)}.'
+    )
+  config_class = ARCHITECTURES[architecture]
   fields['dtype'] = jnp.dtype(fields.get('dtype', 'float32'))
-  known = {f.name for f in dataclasses.fields(seq2seq.Seq2SeqConfig)}
+  known = {f.name for f in dataclasses.fields(config_class)}
   if unknown := sorted(set(fields) - known):
     raise ValueError(
-      f'config.model has fields the model does not take: {unknown}. Known: '
-      f'{", ".join(sorted(known))}.'
+      f'config.model has fields the {architecture} model does not take: '
+      f'{unknown}. Known: {", ".join(sorted(known))}.'
     )
+  sizes = dict(
+    source_vocab_size=task.source_vocab.size,
+    target_vocab_size=task.target_vocab.size,
+  )
+  if architecture == 'transformer':
+    fields.setdefault('max_len', max(task.max_source_len, task.max_target_len))
+    return transformer.Transformer(config_class(**sizes, **fields))
   fields.setdefault('max_source_len', task.max_source_len)
-  model_config = seq2seq.Seq2SeqConfig(
-    source_vocab_size=task.vocab.size,
-    target_vocab_size=task.vocab.size,
-    max_target_len=task.max_target_len,
-    **fields,
+  model_config = config_class(
+    **sizes, max_target_len=task.max_target_len, **fields
   )
   return seq2seq.Seq2Seq(model_config)
 
@@ -467,42 +543,42 @@ def evaluate(
   exp: Experiment,
   params,
   *,
+  split: str | None = None,
   num_examples: int | None = None,
   eval_step=None,
   show: int = 0,
   beam_size: int = 1,
   alpha: float = 0.0,
 ) -> dict[str, Any]:
-  """Held-out metrics: teacher-forced loss/accuracy and the exact match of
-  greedy (beam_size 1) or beam-search outputs."""
-  if num_examples is None:
-    batches = exp.heldout_batches
+  """Held-out metrics: teacher-forced loss, perplexity and token accuracy,
+  and the task's scores of the greedy (beam_size 1) or beam-search outputs
+  (exact match for synthetic tasks, BLEU for translation).
+
+  `split` and `num_examples` default to the set scored during training.
+  """
+  if split is None and num_examples is None:
+    heldout = exp.heldout_set
   else:
-    batches = pipeline.heldout_batches(
-      exp.task, n=num_examples, batch_size=exp.config.eval_batch_size
-    )
+    heldout = exp.heldout(split, num_examples)
   eval_step = eval_step or make_eval_step(exp, beam_size=beam_size, alpha=alpha)
-  vocab = exp.task.vocab
+  vocab = exp.task.target_vocab
   totals: dict[str, float] = {}
-  exact, count, examples = 0, 0, []
-  for batch in batches:
+  predictions = []
+  for batch in heldout.batches:
     sums, tokens = eval_step(params, _replicated_batch(batch, exp.mesh))
     for key, value in jax.device_get(sums).items():
       totals[key] = totals.get(key, 0.0) + float(value)
     tokens = np.asarray(jax.device_get(tokens))
-    for row in np.flatnonzero(batch['valid']):
-      predicted = vocab.decode(tokens[row].tolist())
-      target = vocab.decode(batch['targets'][row].tolist())
-      exact += predicted == target
-      count += 1
-      if len(examples) < show:
-        source = vocab.decode(batch['inputs'][row].tolist())
-        examples.append((source, target, predicted))
+    predictions += [
+      vocab.decode(tokens[row]) for row in np.flatnonzero(batch['valid'])
+    ]
   result = summarize(totals)
-  result['exact_match'] = exact / max(count, 1)
-  result['num_examples'] = count
+  result.update(exp.task.score(predictions, heldout.references))
+  result['num_examples'] = len(predictions)
   if show:
-    result['examples'] = examples
+    result['examples'] = list(
+      zip(heldout.sources, heldout.references, predictions, strict=True)
+    )[:show]
   return result
 
 
@@ -593,6 +669,30 @@ def initialize_distributed(
   logging.info('Process %d of %d.', jax.process_index(), jax.process_count())
 
 
+def check_vocab_digests(exp: Experiment, mngr) -> None:
+  """Refuses vocabulary files other than those the latest checkpoint in
+  `mngr` was trained with (a model decoded with another tokenizer outputs
+  garbage without any error)."""
+  step = mngr.latest_step()
+  if step is None:
+    return
+  saved = checkpoints.read_meta(mngr, step)
+  current = exp.vocab_digests()
+  differ = [
+    name for name in current if name in saved and saved[name] != current[name]
+  ]
+  if differ:
+    vocab_dir = getattr(exp.task, 'vocab_dir', '')
+    raise ValueError(
+      f'the vocabularies in {vocab_dir} ({", ".join(differ)}) are not the '
+      f'ones checkpoint step {step} was trained with (SHA-256 '
+      f'{", ".join(current[n][:12] for n in differ)} where the checkpoint '
+      f'records {", ".join(saved[n][:12] for n in differ)}). Put the '
+      'original vocab files back, or train this model afresh in a new '
+      '--workdir.'
+    )
+
+
 def restore_or_init(exp: Experiment, workdir, mngr, data_iterator=None):
   """The latest checkpoint in `workdir` if any, else a fresh (or init_from)
   state. Returns `(state, step)`."""
@@ -628,10 +728,11 @@ def train_and_evaluate(
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   check_config_matches(config, workdir)
-  exp = Experiment.create(config)
+  exp = Experiment.create(config, workdir)
   mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   data_iterator = exp.train_iterator()
   try:
+    check_vocab_digests(exp, mngr)
     state, start = restore_or_init(exp, workdir, mngr, data_iterator)
   except ValueError as e:
     changed = _changed_fields(config, workdir)
@@ -644,7 +745,7 @@ def train_and_evaluate(
   save_config(config, workdir)
   logging.info(
     'Training %s on %s from step %d to %d on %d devices (mesh %s).',
-    config.model.decoder,
+    model_name(config),
     config.data.task,
     start,
     config.num_train_steps,
@@ -673,17 +774,23 @@ def train_and_evaluate(
       if step % config.checkpoint_every_steps == 0 or last:
         log.add(*pending)  # never checkpoint a state with a NaN loss
         pending = None
-        checkpoints.save(mngr, step, state, data_iterator)
+        checkpoints.save(
+          mngr, step, state, data_iterator, meta=exp.vocab_digests()
+        )
       if step % config.eval_every_steps == 0 or last:
         result = evaluate(exp, state.params, eval_step=eval_step)
         writer.write(step, 'heldout', result)
         writer.flush()
+        scores = '  '.join(
+          f'{name} {result[name]:.4f}' for name in exp.task.SCORES
+        )
         logging.info(
-          'step %d  held-out exact match %.4f  token acc %.4f  loss %.4f',
+          'step %d  held-out %s  token acc %.4f  loss %.4f  perplexity %.2f',
           step,
-          result['exact_match'],
+          scores,
           result['token_accuracy'],
           result['loss'],
+          result['perplexity'],
         )
     if pending is not None:
       log.add(*pending)
@@ -700,24 +807,38 @@ def train_and_evaluate(
 # Reuse of a trained workdir.
 
 
-def load_trained(workdir) -> tuple[Experiment, Any]:
+def load_trained(
+  workdir, *, long_input: str | None = None
+) -> tuple[Experiment, Any]:
   """The experiment and parameters of the latest checkpoint in `workdir`,
-  on whatever devices are present."""
+  on whatever devices are present.
+
+  `long_input` ('error' or 'truncate') overrides what a translation task
+  does with an input longer than the model's maximum.
+  """
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
     raise FileNotFoundError(f'workdir {workdir} does not exist.')
   config = load_config(workdir)
   with config.unlocked():
+    if long_input is not None:
+      if config.data.task not in parallel.TASKS:
+        raise ValueError(
+          'long_input applies to translation tasks only; the '
+          f'{config.data.task} task always refuses over-long inputs.'
+        )
+      config.data.long_input = long_input
     config.mesh.data, config.mesh.model, config.mesh.num_devices = -1, 1, 0
     data_size = len(jax.devices())
     for field in ('batch_size', 'eval_batch_size'):
       config[field] = math.ceil(config[field] / data_size) * data_size
-  exp = Experiment.create(config)
   if checkpoints.latest_step(workdir) is None:
     raise FileNotFoundError(
       f'workdir {workdir} has no checkpoint yet; train it with train.py '
       f'--workdir={workdir} first.'
     )
+  exp = Experiment.create(config, workdir, train_vocab=False)
+  check_vocab_digests(exp, checkpoints.manager(workdir, read_only=True))
   params = checkpoints.restore_params(
     workdir, exp.unboxed_abstract_state().params, exp.state_shardings.params
   )

@@ -22,6 +22,8 @@ Note that Grain's Orbax handler names its file after `jax.process_index()`
 and `jax.process_count()`, not after the `process_index` given here.
 """
 
+import dataclasses
+
 import grain
 import numpy as np
 
@@ -33,6 +35,21 @@ _NUM_STEPS = 2**62
 # Batches are computed in Python, so more threads only fight over the GIL;
 # one thread overlaps batch generation with the accelerator.
 _DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+  """A held-out set as fixed-shape batches and its text.
+
+  `batches` have 'inputs' `[batch_size, source_len]`, 'targets'
+  `[batch_size, max_target_len]` and 'valid' (False on filler rows);
+  `sources[i]` / `references[i]` are the text of the i-th valid row, and
+  outputs are scored against `references`.
+  """
+
+  batches: list[dict[str, np.ndarray]]
+  sources: list[str]
+  references: list[str]
 
 
 class _TrainBatch:
@@ -134,9 +151,14 @@ def heldout_batches(
       last batch.
   Weight per-example metrics by 'valid'.
   """
+  return _padded_batches(task, task.heldout_examples(n), batch_size)
+
+
+def _padded_batches(
+  task: Task, examples: list[tuple[str, str]], batch_size: int
+) -> list[dict[str, np.ndarray]]:
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
-  examples = task.heldout_examples(n)
   batches = []
   for start in range(0, len(examples), batch_size):
     chunk = examples[start : start + batch_size]
@@ -147,3 +169,13 @@ def heldout_batches(
     batch['valid'] = np.arange(batch_size) < len(chunk)
     batches.append(batch)
   return batches
+
+
+def heldout_set(task: Task, *, n: int, batch_size: int) -> HeldOut:
+  """`heldout_batches` with the examples' text."""
+  examples = task.heldout_examples(n)
+  return HeldOut(
+    _padded_batches(task, examples, batch_size),
+    [source for source, _ in examples],
+    [target for _, target in examples],
+  )

@@ -127,6 +127,28 @@ class Task(abc.ABC):
 
   # --- Shared machinery. ---
 
+  # The held-out splits `attnjax evaluate --split` accepts: one, fixed.
+  splits: ClassVar[tuple[str, ...]] = ('test',)
+  # The names of the scores `score` returns.
+  SCORES: ClassVar[tuple[str, ...]] = ('exact_match',)
+
+  @property
+  def source_vocab(self) -> CharVocab:
+    """The vocabulary of sources (the same as of targets)."""
+    return self.vocab
+
+  @property
+  def target_vocab(self) -> CharVocab:
+    """The vocabulary of targets (the same as of sources)."""
+    return self.vocab
+
+  def score(
+    self, predictions: list[str], references: list[str]
+  ) -> dict[str, float]:
+    """{'exact_match': the share of predictions equal to their reference}."""
+    right = sum(p == r for p, r in zip(predictions, references, strict=True))
+    return {'exact_match': right / max(len(references), 1)}
+
   def format_source(self, text: str) -> str:
     """A user-given source written as the training sources are."""
     return text

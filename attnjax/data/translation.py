@@ -440,6 +440,15 @@ class PairSource(Sequence):
       yield from self.__getitems__(range(start, min(start + 1024, len(self))))
 
 
+def directions(name: str, reverse: bool = False) -> tuple[str, str]:
+  """The (source, target) feature names of dataset `name`, e.g. ('de',
+  'en') for multi30k, swapped when `reverse`."""
+  if name not in _DIRECTIONS:
+    raise ValueError(f'Unknown dataset {name!r}; known: {list(_DIRECTIONS)}.')
+  src, tgt = _DIRECTIONS[name]
+  return (tgt, src) if reverse else (src, tgt)
+
+
 def _as_str(value) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
@@ -466,15 +475,11 @@ def load_pairs(
   Returns:
     A sequence with random access, usable as a Grain data source.
   """
-  if name not in _DIRECTIONS:
-    raise ValueError(f'Unknown dataset {name!r}; known: {list(_DIRECTIONS)}.')
+  src, tgt = directions(name, reverse)
   source = tfds.data_source(
     name,
     split=split,
     data_dir=os.fspath(data_dir) if data_dir else None,
     builder_kwargs=builder_kwargs or None,
   )
-  src, tgt = _DIRECTIONS[name]
-  if reverse:
-    src, tgt = tgt, src
   return PairSource(source, src, tgt)

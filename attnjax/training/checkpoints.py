@@ -63,11 +63,31 @@ def latest_step(workdir: str | pathlib.Path) -> int | None:
   return manager(workdir, read_only=True).latest_step()
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
+def save(
+  mngr: ocp.CheckpointManager,
+  step: int,
+  state,
+  data_iterator,
+  meta: dict[str, str] | None = None,
+) -> None:
+  """Saves `state`, the iterator's position and, if given, `meta` (strings
+  that identify what the state goes with, e.g. its vocabularies' digests)."""
   args = {'state': ocp.args.StandardSave(state)}
   if data_iterator is not None:
     args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  if meta:
+    args['meta'] = ocp.args.JsonSave(dict(meta))
   mngr.save(step, args=ocp.args.Composite(**args))
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, str]:
+  """The `meta` saved with checkpoint `step` ({} if none was)."""
+  if not (pathlib.Path(mngr.directory) / str(step) / 'meta').exists():
+    return {}
+  restored = mngr.restore(
+    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+  )
+  return dict(restored['meta'])
 
 
 def _abstract(state, shardings):

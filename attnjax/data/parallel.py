@@ -1,0 +1,565 @@
+"""Translation tasks on real parallel text: subword vocabularies, a bucketed
+Grain training pipeline, held-out sets and BLEU.
+
+`TranslationTask.create(data_config, workdir)` reads the training split of a
+dataset of `attnjax.data.translation` (multi30k de->en, anki en->fr, anki
+en->zh), trains SentencePiece vocabularies on it the first time (joint or
+one per language) and saves them in `workdir/vocab/`; a later run, and every
+reuse of the workdir, loads them from there.
+
+Training pipeline (`train_dataset`). The tokenised training pairs are
+grouped by length into a few buckets; every batch comes from one bucket and
+is padded to its length, so the train step sees only `len(buckets)` static
+shapes. Epoch `e` shuffles each bucket with the seed `(seed, e)`, cuts it
+into full batches (the remainder, fewer than a batch per bucket, sits this
+epoch out; different pairs every epoch) and shuffles the order of all
+batches. Every epoch has the same number of batches, so global batch `k` is
+a pure function of `k`: as for the synthetic tasks, the dataset is a
+`grain.MapDataset` over step indices, its iterator's state is the next index
+(checkpointed with the model), and process `p` reads rows
+`p * local ... (p + 1) * local` of every global batch.
+
+Pairs longer than the model's maximum lengths are left out of training with
+a logged count. A held-out source that is too long is truncated with a
+logged count (its reference stays whole, so the score shows the loss); an
+input given to `prepare_source` (e.g. `attnjax decode`) raises or is
+truncated with a warning, as `long_input` says.
+"""
+
+import dataclasses
+import logging
+import os
+import pathlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+import sacrebleu
+
+from attnjax.data import tokenizer
+from attnjax.data import translation as translation_lib
+from attnjax.data.pipeline import HeldOut
+from attnjax.data.vocab import EOS_ID, PAD_ID
+
+# attnjax task name -> (tfds name, {'validation': split, 'test': split}).
+TASKS = {
+  'multi30k': ('multi30k', {'validation': 'validation', 'test': 'test_2016'}),
+  'anki_fra': ('anki/fra-eng', {'validation': 'validation', 'test': 'test'}),
+  'anki_cmn': ('anki/cmn-eng', {'validation': 'validation', 'test': 'test'}),
+}
+LONG_INPUT = ('error', 'truncate')
+VOCAB_DIR = 'vocab'
+_NUM_STEPS = 2**62  # An infinite stream of step indices.
+_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TranslationData:
+  """`config.data` of a translation run (see configs/translation.py).
+
+  Attributes:
+    task: a name in `TASKS`.
+    reverse: translate the other way (multi30k en->de, anki fr->en, ...).
+    source_dir: folder with the raw files ('' = `$ATTNJAX_DATA_DIR`, and for
+      multi30k a download when that is unset too).
+    tfds_dir: where TFDS writes the prepared splits ('' = TFDS's default).
+    train_split: a TFDS split expression, e.g. 'train' or 'train[:2000]'.
+    vocab_size: ids per SentencePiece vocabulary, special ids included.
+    joint_vocab: one vocabulary for both languages, else one each.
+    vocab_model_type: 'unigram' or 'bpe'.
+    character_coverage: SentencePiece's character coverage.
+    max_source_len: most source tokens of a training pair (and the input
+      width of the model).
+    max_target_len: most target tokens of a training pair, EOS included
+      (and the longest decoded output).
+    buckets: increasing lengths; a training pair goes to the first bucket
+      that fits both sides, and its batch is padded to that length (capped
+      by the maxima above).
+    long_input: what `prepare_source` does with an over-long input: 'error'
+      or 'truncate' (with a warning).
+    on_bad_utf8, on_bad_line: 'error' or 'skip' (with a logged count) for
+      raw lines that are not UTF-8 / not 2- or 3-column (anki).
+    seed: the shuffling seed.
+    heldout_size: validation pairs scored during training (at most all).
+  """
+
+  task: str
+  reverse: bool = False
+  source_dir: str = ''
+  tfds_dir: str = ''
+  train_split: str = 'train'
+  vocab_size: int = 8000
+  joint_vocab: bool = True
+  vocab_model_type: str = 'unigram'
+  character_coverage: float = 1.0
+  max_source_len: int = 64
+  max_target_len: int = 64
+  buckets: tuple[int, ...] = (16, 24, 32, 64)
+  long_input: str = 'error'
+  on_bad_utf8: str = 'error'
+  on_bad_line: str = 'error'
+  seed: int = 0
+  heldout_size: int = 100_000
+
+  def __post_init__(self):
+    def need(ok: bool, field: str, requirement: str) -> None:
+      if not ok:
+        raise ValueError(
+          f'config.data.{field}={getattr(self, field)!r} is invalid: it must '
+          f'be {requirement}. Fix it in the config file or with '
+          f'--config.data.{field}=...'
+        )
+
+    need(self.task in TASKS, 'task', f'one of {", ".join(TASKS)}')
+    for field in ('max_source_len', 'max_target_len', 'heldout_size'):
+      need(_is_int(getattr(self, field), 1), field, 'an integer >= 1')
+    need(_is_int(self.seed, 0), 'seed', 'an integer >= 0')
+    need(
+      _is_int(self.vocab_size, tokenizer.NUM_SPECIAL + 2),
+      'vocab_size',
+      f'an integer >= {tokenizer.NUM_SPECIAL + 2}',
+    )
+    need(
+      self.vocab_model_type in tokenizer.MODEL_TYPES,
+      'vocab_model_type',
+      f'one of {tokenizer.MODEL_TYPES}',
+    )
+    need(0 < self.character_coverage <= 1, 'character_coverage', 'in (0, 1]')
+    need(
+      len(self.buckets) > 0
+      and all(_is_int(b, 2) for b in self.buckets)
+      and list(self.buckets) == sorted(set(self.buckets)),
+      'buckets',
+      'a non-empty, strictly increasing tuple of lengths >= 2',
+    )
+    need(self.long_input in LONG_INPUT, 'long_input', f'one of {LONG_INPUT}')
+    for field in ('on_bad_utf8', 'on_bad_line'):
+      need(
+        getattr(self, field) in ('error', 'skip'), field, "'error' or 'skip'"
+      )
+    for field in ('reverse', 'joint_vocab'):
+      need(isinstance(getattr(self, field), bool), field, 'True or False')
+
+  @classmethod
+  def from_config(cls, data) -> 'TranslationData':
+    """From `config.data` (a ConfigDict or dict); unknown fields raise."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(data)
+    if unknown := sorted(set(values) - fields):
+      raise ValueError(
+        f'config.data has fields a translation task does not take: '
+        f'{unknown}. Known: {", ".join(sorted(fields))}.'
+      )
+    if 'buckets' in values:
+      values['buckets'] = tuple(values['buckets'])
+    return cls(**values)
+
+  @property
+  def max_len(self) -> int:
+    return max(self.max_source_len, self.max_target_len)
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+  return (
+    isinstance(value, int | np.integer)
+    and not isinstance(value, bool)
+    and value >= minimum
+  )
+
+
+def bleu(
+  hypotheses: Sequence[str], references: Sequence[str], *, chinese: bool
+) -> dict[str, float]:
+  """sacreBLEU corpus BLEU: 'bleu' on cased, detokenised text (sacreBLEU's
+  standard) and 'bleu_lowercase' on lowercased text; both tokenised by 13a,
+  or by sacreBLEU's 'zh' tokeniser for Chinese."""
+  tokenize = 'zh' if chinese else '13a'
+  hypotheses, references = list(hypotheses), [list(references)]
+  cased = sacrebleu.corpus_bleu(hypotheses, references, tokenize=tokenize)
+  lower = sacrebleu.corpus_bleu(
+    hypotheses, references, tokenize=tokenize, lowercase=True
+  )
+  return {'bleu': cased.score, 'bleu_lowercase': lower.score}
+
+
+class TranslationTask:
+  """A translation dataset with its vocabularies; see the module docstring.
+
+  Attributes:
+    data: the data config.
+    name: the task name, e.g. 'multi30k'.
+    source_vocab, target_vocab: `SubwordVocab`s (the same one when joint).
+    vocab: the target vocabulary (what decoded outputs are read with).
+    max_source_len, max_target_len: the model's input width and the longest
+      decoded output, EOS included.
+  """
+
+  # The names of the scores `score` returns.
+  SCORES = ('bleu', 'bleu_lowercase')
+
+  def __init__(
+    self,
+    data: TranslationData,
+    vocab_dir: str | os.PathLike,
+    *,
+    train_vocab: bool = True,
+  ):
+    self.data = data
+    self.name = data.task
+    self.dataset, self.splits = TASKS[data.task]
+    self._target_lang = translation_lib.directions(self.dataset, data.reverse)[
+      1
+    ]
+    self.max_source_len = data.max_source_len
+    self.max_target_len = data.max_target_len
+    self.vocab_dir = pathlib.Path(vocab_dir)
+    self._train: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+    self.source_vocab, self.target_vocab = self._vocabs(train_vocab)
+    self.vocab = self.target_vocab
+
+  @classmethod
+  def create(
+    cls, data_config, workdir: str | os.PathLike, *, train_vocab: bool = True
+  ):
+    """The task of `config.data`, with its vocabularies in `workdir/vocab`
+    (trained there first if missing and `train_vocab`)."""
+    return cls(
+      TranslationData.from_config(data_config),
+      pathlib.Path(workdir) / VOCAB_DIR,
+      train_vocab=train_vocab,
+    )
+
+  # Data.
+
+  def pairs(self, split: str) -> translation_lib.PairSource:
+    """`(source, target)` strings of a TFDS split (building it if needed)."""
+    kwargs = {'on_bad_utf8': self.data.on_bad_utf8}
+    if self.dataset.startswith('anki'):
+      kwargs['on_bad_line'] = self.data.on_bad_line
+    if self.data.source_dir:
+      kwargs['source_dir'] = self.data.source_dir
+    return translation_lib.load_pairs(
+      self.dataset,
+      split,
+      data_dir=self.data.tfds_dir or None,
+      reverse=self.data.reverse,
+      **kwargs,
+    )
+
+  def _train_pairs(self) -> list[tuple[str, str]]:
+    return list(self.pairs(self.data.train_split))
+
+  # Vocabularies.
+
+  def vocab_paths(self) -> dict[str, pathlib.Path]:
+    if self.data.joint_vocab:
+      return {'joint': self.vocab_dir / 'joint.model'}
+    return {
+      'source': self.vocab_dir / 'source.model',
+      'target': self.vocab_dir / 'target.model',
+    }
+
+  def _vocabs(self, train: bool):
+    paths = self.vocab_paths()
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing and not train:
+      raise FileNotFoundError(
+        f'the vocabulary file(s) {", ".join(missing)} are missing. They are '
+        "part of the trained model (train.py writes them into the workdir's "
+        f'{VOCAB_DIR}/ folder): copy them back from the original workdir.'
+      )
+    if missing:
+      self._train_vocabs(paths)
+    vocabs = {name: tokenizer.SubwordVocab(p) for name, p in paths.items()}
+    if self.data.joint_vocab:
+      return vocabs['joint'], vocabs['joint']
+    return vocabs['source'], vocabs['target']
+
+  def _train_vocabs(self, paths: dict[str, pathlib.Path]) -> None:
+    import jax  # Only to agree across processes.
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+      pairs = self._train_pairs()
+      texts = {
+        'joint': [text for pair in pairs for text in pair],
+        'source': [source for source, _ in pairs],
+        'target': [target for _, target in pairs],
+      }
+      for name, path in paths.items():
+        _log.info(
+          'Training a %d-piece SentencePiece vocabulary (%s) on %d sentences '
+          'of %s %s; saving it to %s.',
+          self.data.vocab_size,
+          name,
+          len(texts[name]),
+          self.name,
+          self.data.train_split,
+          path,
+        )
+        tokenizer.train_vocab(
+          texts[name],
+          path,
+          vocab_size=self.data.vocab_size,
+          model_type=self.data.vocab_model_type,
+          character_coverage=self.data.character_coverage,
+        )
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('attnjax vocabularies written')
+
+  def vocab_digests(self) -> dict[str, str]:
+    """SHA-256 of each vocabulary file, by role ('source', 'target')."""
+    return {
+      'source_vocab': self.source_vocab.digest,
+      'target_vocab': self.target_vocab.digest,
+    }
+
+  # Encoding.
+
+  def prepare_source(self, text: str) -> list[int]:
+    """Token ids of a user-given source sentence.
+
+    Raises:
+      ValueError: a blank input, or one longer than `max_source_len` tokens
+        when `long_input` is 'error'.
+    """
+    if not text.strip():
+      raise ValueError('empty input: give a non-blank source sentence.')
+    ids = self.source_vocab.encode(translation_lib.normalize_text(text))
+    if len(ids) <= self.max_source_len:
+      return ids
+    if self.data.long_input == 'error':
+      raise ValueError(
+        f'input {text[:60]!r}... has {len(ids)} tokens; the model reads at '
+        f'most {self.max_source_len} (config.data.max_source_len). Shorten '
+        'it, or rerun with long_input=truncate (attnjax decode '
+        '--long_input=truncate) to cut it.'
+      )
+    _log.warning(
+      'Input %r has %d tokens; truncated to the first %d.',
+      text[:60],
+      len(ids),
+      self.max_source_len,
+    )
+    return ids[: self.max_source_len]
+
+  def decode_source(self, ids) -> str:
+    return self.source_vocab.decode(ids)
+
+  def score(
+    self, predictions: Sequence[str], references: Sequence[str]
+  ) -> dict[str, float]:
+    """Corpus BLEU of `predictions` against one reference each."""
+    return bleu(predictions, references, chinese=self._target_lang == 'zh')
+
+  # The training stream.
+
+  def train_ids(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Token ids of the training pairs that fit (targets end with EOS)."""
+    if self._train is None:
+      pairs = self._train_pairs()
+      sources = self.source_vocab.encode_many([s for s, _ in pairs])
+      targets = self.target_vocab.encode_many([t for _, t in pairs])
+      kept_s, kept_t, empty, long = [], [], 0, 0
+      for s, t in zip(sources, targets, strict=True):
+        if not s or not t:
+          empty += 1
+        elif len(s) > self.max_source_len or len(t) + 1 > self.max_target_len:
+          long += 1
+        else:
+          kept_s.append(np.asarray(s, np.int32))
+          kept_t.append(np.asarray(t + [EOS_ID], np.int32))
+      _log.info(
+        '%s %s: %d training pairs; %d left out as longer than '
+        'max_source_len=%d / max_target_len=%d (EOS included), %d as empty.',
+        self.name,
+        self.data.train_split,
+        len(kept_s),
+        long,
+        self.max_source_len,
+        self.max_target_len,
+        empty,
+      )
+      if not kept_s:
+        raise ValueError(
+          f'no training pair of {self.name} {self.data.train_split} fits '
+          f'max_source_len={self.max_source_len} and max_target_len='
+          f'{self.max_target_len}; raise them.'
+        )
+      self._train = kept_s, kept_t
+    return self._train
+
+  def train_dataset(
+    self,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> grain.IterDataset:
+    """This process's infinite stream of training batches ('inputs' int32
+    `[local, bucket_source_len]`, 'targets' int32 `[local,
+    bucket_target_len]`), checkpointable like `pipeline.train_dataset`."""
+    if global_batch_size % process_count:
+      raise ValueError(
+        f'global_batch_size={global_batch_size} does not split evenly over '
+        f'{process_count} processes.'
+      )
+    local = global_batch_size // process_count
+    plan = _BatchPlan(self, global_batch_size)
+    batches = _TrainBatches(plan, process_index * local, local)
+    dataset = grain.MapDataset.range(_NUM_STEPS).map(batches)
+    return dataset.to_iter_dataset(_READ_OPTIONS)
+
+  # Held-out data.
+
+  def heldout(self, split: str, *, n: int | None, batch_size: int) -> HeldOut:
+    """The first `n` pairs (all when None) of 'validation' or 'test' as
+    padded batches of `batch_size` rows; see `HeldOut`.
+
+    Sources are padded to the smallest bucket length that holds the longest
+    one (one static shape per split).
+    """
+    if split not in self.splits:
+      raise ValueError(
+        f'unknown split {split!r} for {self.name}; choose one of '
+        f'{", ".join(self.splits)}.'
+      )
+    pairs = self.pairs(self.splits[split])
+    count = len(pairs) if n is None else min(n, len(pairs))
+    pairs = pairs.__getitems__(range(count))
+    sources = [s for s, _ in pairs]
+    references = [t for _, t in pairs]
+    source_ids = self.source_vocab.encode_many(sources)
+    target_ids = self.target_vocab.encode_many(references)
+    cut_sources = sum(len(s) > self.max_source_len for s in source_ids)
+    cut_targets = sum(len(t) + 1 > self.max_target_len for t in target_ids)
+    if cut_sources or cut_targets:
+      _log.warning(
+        '%s %s: %d sources truncated to max_source_len=%d and %d targets to '
+        'max_target_len=%d for teacher forcing (BLEU uses the whole '
+        'references).',
+        self.name,
+        split,
+        cut_sources,
+        self.max_source_len,
+        cut_targets,
+        self.max_target_len,
+      )
+    longest = max((len(s) for s in source_ids), default=1)
+    width = _bucket_len(longest, self.data.buckets, self.max_source_len)
+    batches = []
+    for start in range(0, count, batch_size):
+      rows = range(start, min(start + batch_size, count))
+      inputs = np.full((batch_size, width), PAD_ID, np.int32)
+      targets = np.full((batch_size, self.max_target_len), PAD_ID, np.int32)
+      for row, i in enumerate(rows):
+        s = source_ids[i][:width]
+        t = (target_ids[i] + [EOS_ID])[: self.max_target_len]
+        inputs[row, : len(s)] = s
+        targets[row, : len(t)] = t
+      valid = np.arange(batch_size) < len(rows)
+      batches.append({'inputs': inputs, 'targets': targets, 'valid': valid})
+    return HeldOut(batches, sources, references)
+
+
+def _bucket_len(length: int, buckets: Sequence[int], cap: int) -> int:
+  for bucket in buckets:
+    if length <= bucket:
+      return min(bucket, cap)
+  return cap
+
+
+class _BatchPlan:
+  """Which training pairs make up each batch of each epoch."""
+
+  def __init__(self, task: TranslationTask, global_batch_size: int):
+    sources, targets = task.train_ids()
+    data = task.data
+    self.sources, self.targets = sources, targets
+    self.seed = data.seed
+    self.global_batch_size = global_batch_size
+    lengths = np.array(
+      [max(len(s), len(t)) for s, t in zip(sources, targets, strict=True)]
+    )
+    edges = np.asarray(data.buckets)
+    # A pair longer than every bucket goes to the last, at the maxima.
+    which = np.minimum(np.searchsorted(edges, lengths), len(edges) - 1)
+    self.buckets = [np.flatnonzero(which == b) for b in range(len(edges))]
+    self.shapes = [
+      (
+        min(int(edge), data.max_source_len)
+        if b < len(edges) - 1
+        else data.max_source_len,
+        min(int(edge), data.max_target_len)
+        if b < len(edges) - 1
+        else data.max_target_len,
+      )
+      for b, edge in enumerate(edges)
+    ]
+    self.batches_per_bucket = [
+      len(m) // global_batch_size for m in self.buckets
+    ]
+    self.steps_per_epoch = sum(self.batches_per_bucket)
+    if not self.steps_per_epoch:
+      raise ValueError(
+        f'batch_size={global_batch_size} is larger than every length bucket '
+        f'of the {len(sources)} training pairs (bucket sizes '
+        f'{[len(m) for m in self.buckets]}); lower batch_size or use fewer '
+        'buckets.'
+      )
+    used = self.steps_per_epoch * global_batch_size
+    _log.info(
+      'Length buckets %s hold %s pairs: %d batches of %d per epoch; %d pairs '
+      '(the remainder of each bucket, different ones every epoch) sit out '
+      'each epoch.',
+      list(data.buckets),
+      [len(m) for m in self.buckets],
+      self.steps_per_epoch,
+      global_batch_size,
+      len(sources) - used,
+    )
+    self._lock = threading.Lock()
+    self._epochs: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+  def epoch(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    """`(bucket, pair indices)` of each batch of `epoch`, in order."""
+    with self._lock:
+      if epoch not in self._epochs:
+        if len(self._epochs) > 2:
+          self._epochs.pop(min(self._epochs))
+        self._epochs[epoch] = self._make_epoch(epoch)
+      return self._epochs[epoch]
+
+  def _make_epoch(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    rng = np.random.default_rng([self.seed, epoch])
+    batches = []
+    for b, members in enumerate(self.buckets):
+      order = rng.permutation(members)
+      for i in range(self.batches_per_bucket[b]):
+        size = self.global_batch_size
+        batches.append((b, order[i * size : (i + 1) * size]))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class _TrainBatches:
+  """Global step index -> this process's rows of that batch."""
+
+  def __init__(self, plan: _BatchPlan, first: int, size: int):
+    self.plan, self.first, self.size = plan, first, size
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    plan = self.plan
+    epoch, index = divmod(int(step), plan.steps_per_epoch)
+    bucket, members = plan.epoch(epoch)[index]
+    rows = members[self.first : self.first + self.size]
+    source_len, target_len = plan.shapes[bucket]
+    inputs = np.full((len(rows), source_len), PAD_ID, np.int32)
+    targets = np.full((len(rows), target_len), PAD_ID, np.int32)
+    for row, i in enumerate(rows):
+      s, t = plan.sources[i], plan.targets[i]
+      inputs[row, : len(s)] = s
+      targets[row, : len(t)] = t
+    return {'inputs': inputs, 'targets': targets}

@@ -1,0 +1,26 @@
+"""Multi30k German -> English with a Transformer at the size of the PyTorch
+tutorial (d_model 256, 3 + 3 layers, 8 heads, feed-forward 512).
+
+python train.py --config=configs/multi30k_transformer.py --workdir=DIR
+python train.py --config=configs/multi30k_transformer.py:tiny ...  (tests)
+"""
+
+import ml_collections
+
+from configs import translation
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  tiny = translation.parse_tiny(variant)
+  config = translation.get_config('multi30k', 'transformer')
+  config.batch_size = 128  # Sentence pairs per step (~1.9k target tokens).
+  config.num_train_steps = 4500  # About 20 epochs of 226 batches.
+  config.optimizer.learning_rate = 7e-4  # Peak.
+  config.optimizer.warmup_steps = 800  # Linear warmup.
+  config.optimizer.schedule = 'cosine'  # Then cosine decay to 0.
+  config.log_every_steps = 100  # Train metrics and console progress.
+  config.eval_every_steps = 1500  # Validation BLEU (and at the end).
+  config.checkpoint_every_steps = 500  # Checkpoints (and at the end).
+  if tiny:
+    translation.make_tiny(config)
+  return config

@@ -1,0 +1,345 @@
+"""Translation end to end: SentencePiece vocabularies, the bucketed Grain
+pipeline, training, checkpoints, BLEU evaluation and decoding.
+
+Uses the Multi30k copy in `../shared/data` (skipped without it) and tiny
+configs.
+"""
+
+import json
+import pathlib
+import sys
+
+import grain
+import jax
+import numpy as np
+import pytest
+import sacrebleu
+
+from attnjax import train_lib
+from attnjax.data import parallel, tokenizer
+from attnjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configs import multi30k_bahdanau, multi30k_transformer  # noqa: E402
+
+MULTI30K = ROOT.parent / 'shared' / 'data' / 'multi30k'
+pytestmark = pytest.mark.skipif(
+  not MULTI30K.is_dir(), reason=f'no Multi30k copy at {MULTI30K}'
+)
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def tiny_config(tfds_dir, module=multi30k_transformer, **overrides):
+  config = module.get_config('tiny')
+  config.data.tfds_dir = tfds_dir
+  config.data.source_dir = str(MULTI30K)
+  config.optimizer.schedule = 'constant'
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split('.')
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def make_task(tfds_dir, vocab_dir, **fields):
+  data = dict(
+    task='multi30k',
+    tfds_dir=tfds_dir,
+    source_dir=str(MULTI30K),
+    train_split='train[:600]',
+    vocab_size=300,
+    max_source_len=40,
+    max_target_len=40,
+    buckets=(12, 20, 40),
+  )
+  data.update(fields)
+  return parallel.TranslationTask(parallel.TranslationData(**data), vocab_dir)
+
+
+@pytest.fixture(scope='module')
+def task(tfds_dir, tmp_path_factory):
+  return make_task(tfds_dir, tmp_path_factory.mktemp('vocab'))
+
+
+@pytest.fixture(scope='module')
+def trained(tfds_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('multi30k_tiny')
+  config = tiny_config(tfds_dir, keep_checkpoints=1)
+  result = train_lib.train_and_evaluate(config, str(workdir))
+  return workdir, result
+
+
+# ---------------------------------------------------------------------------
+# Vocabularies.
+
+
+def test_vocab_special_ids_and_round_trip(task):
+  vocab = task.source_vocab
+  assert vocab.size == 300
+  assert vocab.pieces([PAD_ID, BOS_ID, EOS_ID, tokenizer.UNK_ID]) == [
+    '<pad>',
+    '<s>',
+    '</s>',
+    '<unk>',
+  ]
+  text = 'Zwei Hunde spielen im Schnee.'
+  ids = vocab.encode(text)
+  assert min(ids) >= tokenizer.UNK_ID
+  # Decoding stops at EOS and skips PAD and BOS.
+  assert vocab.decode([BOS_ID, *ids, EOS_ID, 7, 8, PAD_ID]) == text
+
+
+def test_vocab_training_is_deterministic(task, tfds_dir, tmp_path):
+  again = make_task(tfds_dir, tmp_path)
+  assert again.source_vocab.digest == task.source_vocab.digest
+
+
+def test_vocab_file_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no SentencePiece model'):
+    tokenizer.SubwordVocab(tmp_path / 'missing.model')
+  bad = tmp_path / 'bad.model'
+  bad.write_bytes(b'not a model')
+  with pytest.raises(ValueError, match='not a SentencePiece model'):
+    tokenizer.SubwordVocab(bad)
+
+
+def test_separate_vocabularies(tfds_dir, tmp_path):
+  task = make_task(tfds_dir, tmp_path, joint_vocab=False, vocab_size=200)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+    'source.model',
+    'target.model',
+  ]
+  assert task.source_vocab.digest != task.target_vocab.digest
+  assert task.vocab is task.target_vocab
+
+
+# ---------------------------------------------------------------------------
+# The training pipeline.
+
+
+def batches(task, steps, **kwargs):
+  it = iter(task.train_dataset(**kwargs))
+  return [next(it) for _ in range(steps)]
+
+
+def test_batches_have_bucket_shapes_and_cover_an_epoch(task):
+  plan = parallel._BatchPlan(task, 8)
+  sources, targets = task.train_ids()
+  epoch = batches(task, plan.steps_per_epoch, global_batch_size=8)
+  shapes = {b['inputs'].shape[1] for b in epoch}
+  assert shapes <= {12, 20, 40}
+  seen = []
+  for batch in epoch:
+    assert batch['inputs'].shape[0] == batch['targets'].shape[0] == 8
+    for row in range(8):
+      src = batch['inputs'][row]
+      tgt = batch['targets'][row]
+      src = src[src != PAD_ID]
+      tgt = tgt[tgt != PAD_ID]
+      assert tgt[-1] == EOS_ID
+      # The row is one training pair, padded to the bucket of its length.
+      matches = [
+        i
+        for i in range(len(sources))
+        if np.array_equal(sources[i], src) and np.array_equal(targets[i], tgt)
+      ]
+      assert matches
+      assert max(len(src), len(tgt)) <= batch['inputs'].shape[1]
+      seen.append(matches[0])
+  # No pair twice in one epoch; only bucket remainders sit out.
+  assert len(set(seen)) == len(seen) == plan.steps_per_epoch * 8
+  assert len(sources) - len(seen) < 8 * len(plan.buckets)
+
+
+def test_epochs_are_shuffled_differently_and_reproducibly(task):
+  plan = parallel._BatchPlan(task, 8)
+  n = plan.steps_per_epoch
+  first = batches(task, 2 * n, global_batch_size=8)
+  again = batches(task, 2 * n, global_batch_size=8)
+  for a, b in zip(first, again, strict=True):
+    np.testing.assert_array_equal(a['inputs'], b['inputs'])
+  assert any(
+    a['inputs'].shape != b['inputs'].shape
+    or not np.array_equal(a['inputs'], b['inputs'])
+    for a, b in zip(first[:n], first[n:], strict=True)
+  )
+
+
+def test_processes_split_each_global_batch(task):
+  whole = batches(task, 5, global_batch_size=8)
+  halves = [
+    batches(task, 5, global_batch_size=8, process_index=p, process_count=2)
+    for p in range(2)
+  ]
+  for k in range(5):
+    for key in ('inputs', 'targets'):
+      np.testing.assert_array_equal(
+        np.concatenate([halves[0][k][key], halves[1][k][key]]), whole[k][key]
+      )
+
+
+def test_iterator_state_restores_exactly(task):
+  it = iter(task.train_dataset(global_batch_size=8))
+  for _ in range(7):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  fresh = iter(task.train_dataset(global_batch_size=8))
+  fresh.set_state(state)
+  for want in expected:
+    got = next(fresh)
+    np.testing.assert_array_equal(got['inputs'], want['inputs'])
+  assert isinstance(fresh, grain.DatasetIterator)
+
+
+def test_too_long_pairs_are_left_out_with_a_count(tfds_dir, tmp_path, caplog):
+  caplog.set_level('INFO')
+  short = make_task(tfds_dir, tmp_path, max_source_len=12, max_target_len=12)
+  sources, targets = short.train_ids()
+  assert all(len(s) <= 12 for s in sources)
+  assert all(len(t) <= 12 for t in targets)
+  assert len(sources) < 600
+  assert f'{600 - len(sources)} left out' in caplog.text
+
+
+def test_batch_larger_than_every_bucket_is_refused(task):
+  with pytest.raises(ValueError, match='lower batch_size'):
+    task.train_dataset(global_batch_size=10_000)
+
+
+# ---------------------------------------------------------------------------
+# Inputs, held-out sets and scores.
+
+
+def test_long_input_errors_or_truncates(tfds_dir, task, tmp_path, caplog):
+  long = ' '.join(['Ein Hund läuft durch den Schnee.'] * 10)
+  with pytest.raises(ValueError, match='long_input=truncate'):
+    task.prepare_source(long)
+  cut = make_task(tfds_dir, tmp_path, long_input='truncate')
+  assert len(cut.prepare_source(long)) == 40
+  assert 'truncated' in caplog.text
+  with pytest.raises(ValueError, match='empty input'):
+    task.prepare_source('   ')
+
+
+def test_heldout_batches_hold_the_split(task):
+  heldout = task.heldout('test', n=37, batch_size=16)
+  assert len(heldout.batches) == 3
+  assert len(heldout.references) == len(heldout.sources) == 37
+  assert int(sum(b['valid'].sum() for b in heldout.batches)) == 37
+  row = heldout.batches[0]['targets'][0]
+  assert task.target_vocab.decode(row) == heldout.references[0]
+  with pytest.raises(ValueError, match='validation, test'):
+    task.heldout('test_2016', n=1, batch_size=1)
+
+
+def test_bleu_cased_and_lowercased():
+  refs = ['A dog runs in the snow .', 'Two men are talking .']
+  hyps = ['a dog runs in the snow .', 'Two men are talking .']
+  scores = parallel.bleu(hyps, refs, chinese=False)
+  assert scores['bleu_lowercase'] == pytest.approx(100.0)
+  assert scores['bleu'] < 100.0
+  expected = sacrebleu.corpus_bleu(hyps, [refs]).score
+  assert scores['bleu'] == pytest.approx(expected)
+
+
+def test_bad_data_config_names_the_field():
+  with pytest.raises(ValueError, match='config.data.buckets'):
+    parallel.TranslationData(task='multi30k', buckets=(20, 10))
+  with pytest.raises(ValueError, match='config.data.task'):
+    parallel.TranslationData(task='wmt14')
+  with pytest.raises(ValueError, match='config.data.long_input'):
+    parallel.TranslationData(task='multi30k', long_input='drop')
+  with pytest.raises(ValueError, match='does not take'):
+    parallel.TranslationData.from_config({'task': 'multi30k', 'vocab': 3})
+
+
+# ---------------------------------------------------------------------------
+# Train -> checkpoint -> evaluate -> decode.
+
+
+def test_train_checkpoint_evaluate_decode(trained):
+  workdir, result = trained
+  assert {'bleu', 'bleu_lowercase', 'perplexity'} <= set(result)
+  assert result['num_examples'] == 16
+  assert (workdir / 'vocab' / 'joint.model').is_file()
+  rows = [
+    json.loads(line)
+    for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
+  train = [r['loss'] for r in rows if r['split'] == 'train']
+  assert train[-1] < train[0]  # it learns
+  exp, params = train_lib.load_trained(workdir)
+  again = train_lib.evaluate(exp, params)
+  assert again['loss'] == pytest.approx(result['loss'], rel=1e-5)
+  assert again['bleu'] == pytest.approx(result['bleu'])
+  test = train_lib.evaluate(exp, params, split='test', num_examples=8)
+  assert test['num_examples'] == 8
+  [output] = train_lib.decode(exp, params, ['Zwei Hunde spielen im Schnee.'])
+  assert isinstance(output, str)
+  # The decoded text is the greedy search's, read with the target vocab.
+  inputs = train_lib.source_batch(exp.task, ['Zwei Hunde spielen im Schnee.'])
+  tokens = train_lib.search(
+    exp.model, params, inputs, max_len=exp.task.max_target_len
+  )
+  assert output == exp.task.target_vocab.decode(np.asarray(tokens)[0])
+
+
+def test_resume_equals_uninterrupted_run(tfds_dir, tmp_path):
+  common = dict(log_every_steps=1, checkpoint_every_steps=4)
+  common['eval_every_steps'] = 100
+  runs = {}
+  for name, steps in (('straight', [12]), ('resumed', [6, 12])):
+    for num_steps in steps:
+      config = tiny_config(tfds_dir, num_train_steps=num_steps, **common)
+      train_lib.train_and_evaluate(config, str(tmp_path / name))
+    _, params = train_lib.load_trained(tmp_path / name)
+    runs[name] = jax.device_get(params)
+  for a, b in zip(
+    jax.tree.leaves(runs['straight']),
+    jax.tree.leaves(runs['resumed']),
+    strict=True,
+  ):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_vocab_not_of_the_checkpoint_is_refused(trained, tfds_dir, tmp_path):
+  workdir, _ = trained
+  copy = tmp_path / 'copy'
+  copy.mkdir()
+  for item in ('config.json', 'checkpoints', 'vocab'):
+    src = workdir / item
+    if src.is_dir():
+      import shutil
+
+      shutil.copytree(src, copy / item)
+    else:
+      (copy / item).write_bytes(src.read_bytes())
+  # A vocabulary trained on other text, under the same name.
+  other = make_task(
+    tfds_dir, tmp_path / 'other', train_split='train[600:1400]', vocab_size=400
+  )
+  (copy / 'vocab' / 'joint.model').write_bytes(
+    other.source_vocab.path.read_bytes()
+  )
+  with pytest.raises(ValueError, match='not the ones checkpoint step'):
+    train_lib.load_trained(copy)
+  (copy / 'vocab' / 'joint.model').unlink()
+  with pytest.raises(FileNotFoundError, match='copy them back'):
+    train_lib.load_trained(copy)
+
+
+def test_bahdanau_trains_on_translation(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir, module=multi30k_bahdanau, num_train_steps=10)
+  config.eval_every_steps = 10
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(result['loss'])
+  assert 'bleu' in result
