@@ -1,18 +1,34 @@
 """`attnjax` command line: reuse a trained workdir.
 
   attnjax decode --workdir DIR --input "123+456" [--input ...] [--plot PATH]
-  attnjax evaluate --workdir DIR [--split test] [--num_examples N]
-  attnjax plot --workdir DIR --input "123+456" [--input ...] --out PATH
+      [--long_input {error,truncate}] [--layer L] [--head H]
+  attnjax evaluate --workdir DIR [--split SPLIT] [--num_examples N] [--show K]
+  attnjax plot --workdir DIR --input "Zwei Hunde spielen im Schnee." --out PATH
+      [--long_input {error,truncate}] [--layer L] [--head H]
 
 All take --beam_size K (1, the default, is greedy search) and --alpha A
 (the GNMT length-penalty exponent of beam search).
 
+`evaluate` prints the held-out metrics as JSON (loss, perplexity, token
+accuracy and the task's scores: exact_match for the synthetic tasks, bleu and
+bleu_lowercase (sacreBLEU) for translation), then --show example outputs.
+--split is one of the task's held-out splits: test for the synthetic tasks,
+validation or test for translation; the default is the one scored during
+training (validation for translation).
+
+--long_input (translation only) says what to do with an input longer than
+the model reads: error (the default) or truncate it, with a warning.
+
 `plot` (and `decode --plot`) draws the attention weights of the decoded
-output, source tokens along x and output tokens (EOS as </s>, spaces as ␣)
-along y, for a model with an attention decoder (bahdanau, luong). The suffix
-of PATH picks the format (.png, .pdf, .svg, ...); with several --input values
-each gets its own image, PATH with _0, _1, ... before the suffix
-(attention.png -> attention_0.png, attention_1.png).
+output, source tokens along x and output tokens (EOS as </s>) along y:
+characters (spaces as ␣) for the synthetic tasks, SentencePiece pieces for
+translation. A Transformer has several maps: --layer picks the decoder layer
+whose encoder-decoder attention is drawn (default the last; negative counts
+from the end) and --head one of its heads (default mean, the average over the
+heads). An RNN decoder with attention (bahdanau, luong) has one map and
+takes neither. The suffix of PATH picks the format (.png, .pdf, .svg, ...);
+with several --input values each gets its own image, PATH with _0, _1, ...
+before the suffix (attention.png -> attention_0.png, attention_1.png).
 
 All read the config saved in DIR and its latest checkpoint, on whatever
 devices are present (also `python -m attnjax ...`).
@@ -23,7 +39,8 @@ import json
 import logging
 import sys
 
-SPLITS = ('test',)
+LONG_INPUT = ('error', 'truncate')
+MEAN_HEAD = 'mean'
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,15 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     default=None,
     help='also write attention heatmaps there (see above)',
   )
+  _plot_flags(decode)
   _search_flags(decode)
 
   evaluate = commands.add_parser('evaluate', help='print held-out metrics')
   evaluate.add_argument('--workdir', required=True, help='a trained workdir')
   evaluate.add_argument(
     '--split',
-    default='test',
-    choices=SPLITS,
-    help='synthetic tasks have one held-out split, test',
+    default=None,
+    help="one of the task's held-out splits: test (synthetic tasks), "
+    'validation or test (translation); default: the split scored during '
+    'training',
   )
   evaluate.add_argument(
     '--num_examples',
@@ -73,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     required=True,
     help='the image file, e.g. attention.png (see above)',
   )
+  _plot_flags(plot)
   _search_flags(plot)
   return parser
 
@@ -81,6 +101,41 @@ def _source_flags(parser: argparse.ArgumentParser, input_help: str) -> None:
   parser.add_argument('--workdir', required=True, help='a trained workdir')
   parser.add_argument(
     '--input', action='append', required=True, help=input_help
+  )
+  parser.add_argument(
+    '--long_input',
+    choices=LONG_INPUT,
+    default=None,
+    help='translation: an input longer than the model reads is an error '
+    '(default) or is truncated',
+  )
+
+
+def _head(text: str) -> int | str:
+  if text == MEAN_HEAD:
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f'must be an integer or {MEAN_HEAD!r}; got {text!r}'
+    ) from None
+
+
+def _plot_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+    '--layer',
+    type=int,
+    default=None,
+    help='Transformer: the decoder layer whose cross-attention is plotted '
+    '(default: the last; negative counts from the end)',
+  )
+  parser.add_argument(
+    '--head',
+    type=_head,
+    default=MEAN_HEAD,
+    help='Transformer: the attention head to plot, or mean (the default) '
+    'for the average over the heads',
   )
 
 
@@ -94,6 +149,11 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     default=0.0,
     help='length penalty ((5 + len) / 6) ** alpha; 0 turns it off',
   )
+
+
+def _default_split(task) -> str:
+  """The split `Experiment.heldout` scores when given none."""
+  return 'validation' if 'validation' in task.splits else 'test'
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,13 +172,21 @@ def main(argv: list[str] | None = None) -> int:
 
       # Before the slow model load, so that a typo fails at once.
       plotting.check_output_path(plot_path)
-    exp, params = train_lib.load_trained(args.workdir)
+    elif args.command == 'decode' and (
+      args.layer is not None or args.head != MEAN_HEAD
+    ):
+      raise ValueError('--layer and --head choose what --plot draws; add it.')
+    exp, params = train_lib.load_trained(
+      args.workdir, long_input=getattr(args, 'long_input', None)
+    )
     search = dict(beam_size=args.beam_size, alpha=args.alpha)
     if plot_path is not None:
       # Decodes once: the printed outputs are the plotted ones.
-      maps = plotting.attention_maps(exp, params, args.input, **search)
+      maps = plotting.attention_maps(
+        exp, params, args.input, layer=args.layer, head=args.head, **search
+      )
       paths = plotting.plot_maps(
-        maps, plot_path, decoder=exp.config.model.decoder
+        maps, plot_path, decoder=train_lib.model_name(exp.config)
       )
       for amap, path in zip(maps, paths, strict=True):
         print(f'{amap.source} -> {amap.output}')
@@ -130,26 +198,37 @@ def main(argv: list[str] | None = None) -> int:
       for source, output in zip(args.input, outputs, strict=True):
         print(f'{source} -> {output}')
     else:
-      if args.num_examples is not None and args.num_examples < 1:
-        raise ValueError('--num_examples must be >= 1.')
-      result = train_lib.evaluate(
-        exp,
-        params,
-        num_examples=args.num_examples,
-        show=args.show,
-        beam_size=args.beam_size,
-        alpha=args.alpha,
-      )
-      examples = result.pop('examples', [])
-      print(json.dumps({'split': args.split, **result}, indent=2))
-      for source, target, predicted in examples:
-        mark = 'ok ' if predicted == target else 'BAD'
-        print(f'{mark} {source!r} -> {predicted!r} (target {target!r})')
+      _evaluate(exp, params, args, search)
   # OSError: FileNotFoundError and an unwritable plot path.
   except (ValueError, OSError) as e:
     print(f'attnjax {args.command}: error: {e}', file=sys.stderr)
     return 2
   return 0
+
+
+def _evaluate(exp, params, args: argparse.Namespace, search) -> None:
+  from attnjax import train_lib
+
+  if args.num_examples is not None and args.num_examples < 1:
+    raise ValueError('--num_examples must be >= 1.')
+  split = args.split or _default_split(exp.task)
+  result = train_lib.evaluate(
+    exp,
+    params,
+    split=split,
+    num_examples=args.num_examples,
+    show=args.show,
+    **search,
+  )
+  examples = result.pop('examples', [])
+  print(json.dumps({'split': split, **result}, indent=2))
+  exact = 'exact_match' in exp.task.SCORES
+  for source, reference, predicted in examples:
+    if exact:
+      mark = 'ok ' if predicted == reference else 'BAD'
+      print(f'{mark} {source!r} -> {predicted!r} (target {reference!r})')
+    else:
+      print(f'{source!r} -> {predicted!r} (reference {reference!r})')
 
 
 if __name__ == '__main__':

@@ -4,10 +4,14 @@
 beam search) and returns, per source, the attention weights behind exactly
 that output: at eval time a decoder step is a pure function of the prefix, so
 the teacher-forced pass on (source, decoded tokens) repeats the search's steps
-on its path, and its sown `intermediates/.../attention_weights` `[batch,
-target_len, source_len]` are the weights each output token was produced with.
-`plot_attention` draws one map: source tokens along x, output tokens (up to
-and including EOS) along y.
+on its path, and its sown `intermediates/.../attention_weights` are the
+weights each output token was produced with. An RNN decoder has one
+attention, `[batch, target_len, source_len]`; a Transformer sows one per
+attention module, and the map is the decoder's encoder-decoder
+(cross-)attention of one layer (default: the last) and one head (default:
+the mean over the heads). `plot_attention` draws one map: source tokens along
+x, output tokens (up to and including EOS) along y; subword tokens are
+labelled with their SentencePiece pieces, characters as themselves.
 
 Figures are drawn on matplotlib's Agg canvas through `Figure` directly, not
 pyplot: nothing needs a display and the global backend is left alone.
@@ -16,9 +20,11 @@ pyplot: nothing needs a display and the global backend is left alone.
 import dataclasses
 import functools
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +57,8 @@ class AttentionMap:
       when the search produced it within the task's target length.
     weights: float32 `[len(output_labels), len(source_labels)]`; row t holds
       the weights output token t was predicted with.
+    attention: which of the model's attentions `weights` are, e.g. 'layer 2,
+      head 0' for a Transformer; '' for an RNN decoder's single one.
   """
 
   source: str
@@ -58,26 +66,50 @@ class AttentionMap:
   source_labels: list[str]
   output_labels: list[str]
   weights: np.ndarray
+  attention: str = ''
 
 
 # ---------------------------------------------------------------------------
 # Weights.
 
+# The Transformer's decoder layers are `decoder_layers_0`, `decoder_layers_1`,
+# ...; the encoder-decoder attention of each is `cross_attention`.
+_DECODER_LAYER = re.compile(r'decoder_layers_(\d+)')
+_CROSS_ATTENTION = 'cross_attention'
+MEAN = 'mean'  # The `head` that averages over the heads.
+
 
 def find_attention_weights(intermediates: Any) -> Array | None:
-  """The decoder's sown attention weights `[batch, target_len, source_len]`
-  in the `intermediates` collection of a teacher-forced pass (None if the
-  decoder records none).
+  """The decoder's sown attention weights in the `intermediates` collection
+  of a teacher-forced pass (None if the decoder records none).
+
+  Returns:
+    An RNN decoder's weights `[batch, target_len, source_len]`, or a
+    Transformer's cross-attention weights of every decoder layer `[batch,
+    layers, heads, target_len, source_len]` (its encoder and decoder
+    self-attention weights are left out).
 
   Raises:
-    ValueError: the decoder sows weights under several names (which one to
-      plot would be a guess).
+    ValueError: an RNN decoder sows weights under several names (which one
+      to plot would be a guess).
   """
-  found = []
+  layers, found = {}, []
   for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
     keys = [getattr(k, 'key', None) for k in path]
-    if _WEIGHTS_NAME in keys and 'decoder' in keys:
+    if _WEIGHTS_NAME not in keys:
+      continue
+    layer = [
+      int(match[1])
+      for k in keys
+      if isinstance(k, str) and (match := _DECODER_LAYER.fullmatch(k))
+    ]
+    if layer:
+      if _CROSS_ATTENTION in keys:
+        layers[layer[0]] = leaf
+    elif 'decoder' in keys:
       found.append((jax.tree_util.keystr(path), leaf))
+  if layers:
+    return jnp.stack([layers[i] for i in sorted(layers)], axis=1)
   if len(found) > 1:
     names = ', '.join(name for name, _ in found)
     raise ValueError(
@@ -90,18 +122,54 @@ def find_attention_weights(intermediates: Any) -> Array | None:
 def teacher_forced_weights(
   model, params, inputs: Array, targets: Array
 ) -> Array | None:
-  """Attention weights `[batch, target_len, source_len]` of the teacher-forced
-  pass of `targets` (no dropout), or None for a decoder without attention."""
+  """`find_attention_weights` of the teacher-forced pass of `targets` (no
+  dropout): None for a decoder without attention."""
   _, state = model.apply(
     {'params': params}, inputs, targets, train=False, mutable=['intermediates']
   )
   return find_attention_weights(state.get('intermediates', {}))
 
 
-def check_records_weights(exp: train_lib.Experiment) -> None:
-  """Raises ValueError if `exp`'s model records no attention weights.
+def select_weights(
+  weights: Array, layer: int | None, head: int | None
+) -> Array:
+  """The map `[batch, target_len, source_len]` of `weights` (as
+  `find_attention_weights` returns them): an RNN's as they are, else the
+  Transformer's of decoder `layer` and `head` (None: the mean over heads)."""
+  if weights.ndim == 3:
+    return weights
+  chex.assert_rank(weights, 5)
+  weights = weights[:, layer]
+  if head is None:
+    return weights.mean(axis=1)
+  return weights[:, head]
+
+
+def check_records_weights(
+  exp: train_lib.Experiment,
+  *,
+  layer: int | None = None,
+  head: int | str = MEAN,
+) -> tuple[int | None, int | None]:
+  """Checks that `exp`'s model records attention weights and that `layer`
+  and `head` choose one of its maps.
 
   Shapes only (`jax.eval_shape`): nothing is computed or compiled.
+
+  Args:
+    exp: the experiment.
+    layer: a Transformer's decoder layer (negative counts from the end;
+      None: the last). RNN decoders take only None.
+    head: a head of that layer's cross-attention (negative counts from the
+      end), or `MEAN` for the mean over the heads. RNN decoders take only
+      `MEAN`.
+
+  Returns:
+    `(layer, head)` as `select_weights` takes them: non-negative indices
+    (head None for the mean), or `(None, None)` for an RNN decoder.
+
+  Raises:
+    ValueError: no attention weights, or a layer or head the model lacks.
   """
   task = exp.task
   inputs = jax.ShapeDtypeStruct((1, task.max_source_len), jnp.int32)
@@ -113,15 +181,53 @@ def check_records_weights(exp: train_lib.Experiment) -> None:
     inputs,
     targets,
   )
+  name = train_lib.model_name(exp.config)
   if weights is None:
-    decoder = exp.config.model.decoder
     attention = ' or '.join(seq2seq.ATTENTION_DECODERS)
     raise ValueError(
-      f'the {decoder!r} decoder records no attention weights, so there is '
-      f'nothing to plot. Train a model with an attention decoder ({attention}'
-      '), e.g. python train.py --config=configs/addition.py:bahdanau '
-      '--workdir=...'
+      f'the {name!r} decoder records no attention weights, so there is '
+      f'nothing to plot. Train a model with attention (a Transformer, or an '
+      f'RNN decoder with attention: {attention}), e.g. python train.py '
+      '--config=configs/addition.py:bahdanau --workdir=...'
     )
+  if len(weights.shape) == 3:
+    if layer is not None or head != MEAN:
+      raise ValueError(
+        f'the {name!r} decoder has a single attention (no layers or heads): '
+        'choosing a layer or head applies to Transformer models only; leave '
+        '--layer and --head unset.'
+      )
+    return None, None
+  num_layers, num_heads = weights.shape[1:3]
+  if layer is None:
+    layer = num_layers - 1
+  elif not -num_layers <= layer < num_layers:
+    raise ValueError(
+      f'layer {layer} is out of range: the model has {num_layers} decoder '
+      f'layer(s); give one of {-num_layers}..{num_layers - 1} (negative '
+      'counts from the end).'
+    )
+  if head == MEAN:
+    return layer % num_layers, None
+  if isinstance(head, bool) or not isinstance(head, int):
+    raise ValueError(f'head must be an integer or {MEAN!r}; got {head!r}.')
+  if not -num_heads <= head < num_heads:
+    raise ValueError(
+      f'head {head} is out of range: the model has {num_heads} attention '
+      f'heads; give one of {-num_heads}..{num_heads - 1} (negative counts '
+      f'from the end), or {MEAN!r} for their mean.'
+    )
+  return layer % num_layers, head % num_heads
+
+
+def describe(layer: int | None, head: int | None) -> str:
+  """Names the map of `layer` and `head` (as `check_records_weights` returns
+  them), e.g. 'layer 2, head 0'; '' for an RNN decoder's single one."""
+  if layer is None:
+    return ''
+  return f'layer {layer}, ' + (
+    'mean over heads' if head is None else f'head {head}'
+  )
 
 
 # An untrained model may emit PAD or BOS before EOS; they must show too.
@@ -132,9 +238,17 @@ _SPECIAL_LABELS = {
 }
 
 
-def token_labels(vocab: vocab_lib.CharVocab, ids: Sequence[int]) -> list[str]:
-  """One tick label per token id: its character, spaces as `SPACE_LABEL`,
-  special ids as `<pad>`, `<s>`, `EOS_LABEL`."""
+def token_labels(vocab, ids: Sequence[int]) -> list[str]:
+  """One tick label per token id: special ids as `<pad>`, `<s>`,
+  `EOS_LABEL`; a subword vocabulary's SentencePiece piece (e.g. '▁Hunde');
+  a character vocabulary's character, spaces as `SPACE_LABEL`."""
+  ids = [int(i) for i in ids]
+  if hasattr(vocab, 'pieces'):
+    pieces = vocab.pieces(ids) if ids else []
+    return [
+      _SPECIAL_LABELS.get(i, piece)
+      for i, piece in zip(ids, pieces, strict=True)
+    ]
   labels = []
   for i in ids:
     char = _SPECIAL_LABELS.get(i) or vocab.decode([i])
@@ -149,16 +263,23 @@ def attention_maps(
   *,
   beam_size: int = 1,
   alpha: float = 0.0,
+  layer: int | None = None,
+  head: int | str = MEAN,
 ) -> list[AttentionMap]:
   """The decoded outputs of `sources` and their attention weights.
 
+  For a Transformer, the cross-attention of decoder `layer` (default the
+  last; negative counts from the end) and `head` (default `MEAN`, the mean
+  over the heads); RNN decoders have one attention and take neither.
+
   Raises:
-    ValueError: the model records no weights (checked before decoding), a
-      bad source string, or bad search settings.
+    ValueError: the model records no weights, or has no such layer or head
+      (checked before decoding), a bad source string, or bad search
+      settings.
   """
   decoding.check_search(beam_size, alpha)
-  check_records_weights(exp)
-  task, vocab, model = exp.task, exp.task.vocab, exp.model
+  layer, head = check_records_weights(exp, layer=layer, head=head)
+  task, model = exp.task, exp.model
   inputs = train_lib.source_batch(task, sources)
 
   def run(params, inputs):
@@ -170,7 +291,8 @@ def attention_maps(
       beam_size=beam_size,
       alpha=alpha,
     )
-    return tokens, teacher_forced_weights(model, params, inputs, tokens)
+    weights = teacher_forced_weights(model, params, inputs, tokens)
+    return tokens, select_weights(weights, layer, head)
 
   tokens, weights = jax.device_get(jax.jit(run)(params, jnp.asarray(inputs)))
   maps = []
@@ -182,12 +304,13 @@ def attention_maps(
     maps.append(
       AttentionMap(
         source=source,
-        output=vocab.decode(tokens[row]),
-        source_labels=token_labels(vocab, source_ids),
-        output_labels=token_labels(vocab, output_ids),
+        output=task.target_vocab.decode(tokens[row]),
+        source_labels=token_labels(task.source_vocab, source_ids),
+        output_labels=token_labels(task.target_vocab, output_ids),
         weights=np.asarray(
           weights[row, : len(output_ids), : len(source_ids)], np.float32
         ),
+        attention=describe(layer, head),
       )
     )
   return maps
@@ -279,15 +402,18 @@ def plot_attention(
 def plot_maps(
   maps: Sequence[AttentionMap], path, *, decoder: str = ''
 ) -> list[pathlib.Path]:
-  """Writes one plot per map (see `output_paths` for the file names)."""
+  """Writes one plot per map (see `output_paths` for the file names),
+  titled with `decoder` (the model's name), the map's `attention` and the
+  source and output."""
   paths = output_paths(path, len(maps))
   for amap, out in zip(maps, paths, strict=True):
     title = f'{amap.source!r} -> {amap.output!r}'
+    prefix = ', '.join(filter(None, [decoder, amap.attention]))
     plot_attention(
       amap.weights,
       amap.source_labels,
       amap.output_labels,
       out,
-      title=f'{decoder}: {title}' if decoder else title,
+      title=f'{prefix}: {title}' if prefix else title,
     )
   return paths

@@ -19,7 +19,7 @@ from attnjax.training import checkpoints
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import addition  # noqa: E402
+from configs import addition, translation  # noqa: E402
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # Different lengths, so that source masks and output lengths differ per row.
@@ -53,6 +53,24 @@ def cho_workdir(tmp_path_factory):
   mngr.close()
   train_lib.save_config(config, workdir)
   return workdir
+
+
+@pytest.fixture(scope='module')
+def transformer():
+  """An untrained Transformer (2 decoder layers of 2 heads) on addition:
+  which weights are plotted needs no training."""
+  config = addition.get_config('tiny')
+  config.model = translation.transformer_config()
+  config.model.update(
+    d_model=16,
+    num_heads=2,
+    num_encoder_layers=1,
+    num_decoder_layers=2,
+    mlp_dim=32,
+    dropout_rate=0.0,
+  )
+  exp = train_lib.Experiment.create(config)
+  return exp, exp.init_state(jax.random.key(1)).params
 
 
 def _read_png(path: pathlib.Path) -> np.ndarray:
@@ -111,6 +129,136 @@ def test_weights_are_the_teacher_forced_weights_of_the_decoded_output(
     # and the padding beyond it gets nothing.
     np.testing.assert_allclose(amap.weights.sum(-1), 1.0, atol=1e-5)
     assert np.all(sown[row, :, len(source_ids) :] == 0)
+
+
+@pytest.mark.parametrize(
+  'layer, head, expected',
+  [(None, 'mean', (1, None)), (0, 1, (0, 1)), (-2, -2, (0, 0))],
+)
+def test_transformer_weights_are_the_chosen_cross_attention(
+  transformer, layer, head, expected
+):
+  exp, params = transformer
+  task, model = exp.task, exp.model
+  maps = plotting.attention_maps(exp, params, SOURCES, layer=layer, head=head)
+
+  # Independently: greedy search, then the teacher-forced pass on its tokens.
+  inputs = jnp.asarray(train_lib.source_batch(task, SOURCES))
+  search = functools.partial(
+    train_lib.search, model, max_len=task.max_target_len
+  )
+  tokens = np.asarray(jax.jit(search)(params, inputs))
+  _, state = model.apply(
+    {'params': params}, inputs, tokens, train=False, mutable=['intermediates']
+  )
+  expected_layer, expected_head = expected
+  sown = state['intermediates'][f'decoder_layers_{expected_layer}']
+  (cross,) = sown['cross_attention']['attention_weights']
+  cross = np.asarray(cross)  # [batch, heads, target_len, source_len]
+  assert cross.shape == (
+    len(SOURCES),
+    2,
+    task.max_target_len,
+    task.max_source_len,
+  )
+  # The heads differ, so picking the wrong one would show.
+  assert np.abs(cross[:, 0] - cross[:, 1]).max() > 1e-4
+  want = cross.mean(1) if expected_head is None else cross[:, expected_head]
+  which = (
+    'mean over heads' if expected_head is None else f'head {expected_head}'
+  )
+
+  for row, (source, amap) in enumerate(zip(SOURCES, maps, strict=True)):
+    source_ids = task.prepare_source(source)
+    output_ids = tokens[row].tolist()
+    if vocab_lib.EOS_ID in output_ids:
+      output_ids = output_ids[: output_ids.index(vocab_lib.EOS_ID) + 1]
+    assert amap.output == task.vocab.decode(tokens[row])
+    assert amap.attention == f'layer {expected_layer}, {which}'
+    assert amap.weights.shape == (len(output_ids), len(source_ids))
+    assert amap.source_labels == plotting.token_labels(task.vocab, source_ids)
+    np.testing.assert_allclose(
+      amap.weights,
+      want[row, : len(output_ids), : len(source_ids)],
+      rtol=1e-5,
+      atol=1e-6,
+    )
+    np.testing.assert_allclose(amap.weights.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  'kwargs, message',
+  [
+    (dict(layer=2), r'layer 2 is out of range.*2 decoder.*-2\.\.1'),
+    (dict(layer=-3), r'layer -3 is out of range'),
+    (dict(head=2), r'head 2 is out of range.*2 attention heads.*-2\.\.1'),
+    (dict(layer=0, head=-3), r'head -3 is out of range.*or \'mean\''),
+    (dict(head='first'), r"head must be an integer or 'mean'"),
+  ],
+)
+def test_transformer_bad_layer_or_head_is_refused_before_decoding(
+  transformer, kwargs, message
+):
+  exp, _ = transformer
+  with pytest.raises(ValueError, match=message):
+    plotting.attention_maps(exp, None, SOURCES, **kwargs)  # no parameters
+
+
+@pytest.mark.parametrize(
+  'kwargs', [dict(layer=0), dict(layer=-1), dict(head=0)]
+)
+def test_rnn_refuses_layer_and_head(kwargs):
+  exp = train_lib.Experiment.create(addition.get_config('bahdanau,tiny'))
+  with pytest.raises(ValueError, match=r"'bahdanau' decoder has a single"):
+    plotting.attention_maps(exp, None, SOURCES, **kwargs)
+
+
+def test_find_attention_weights():
+  def sown(value):
+    return {'attention_weights': (np.full((1, 2, 3, 4), value),)}
+
+  # A Transformer: decoder cross-attention only, layers in numeric order.
+  intermediates = {
+    f'decoder_layers_{i}': {
+      'cross_attention': sown(i),
+      'self_attention': sown(-1),
+    }
+    for i in (0, 2, 10)
+  }
+  intermediates['encoder_layers_0'] = {'self_attention': sown(-1)}
+  weights = plotting.find_attention_weights(intermediates)
+  assert weights.shape == (1, 3, 2, 3, 4)
+  assert weights[0, :, 0, 0, 0].tolist() == [0, 2, 10]
+  np.testing.assert_array_equal(
+    plotting.select_weights(weights, 1, None), np.full((1, 3, 4), 2)
+  )
+  # An RNN decoder: one set of weights, else which to plot is a guess.
+  rnn = np.ones((1, 3, 4))
+  one = {'decoder': {'attention': {'attention_weights': (rnn,)}}}
+  assert plotting.find_attention_weights(one) is rnn
+  assert plotting.find_attention_weights({'encoder': {}}) is None
+  two = {
+    'decoder': {
+      'a': one['decoder']['attention'],
+      'b': {**one['decoder']['attention']},
+    }
+  }
+  with pytest.raises(ValueError, match='several sets of attention weights'):
+    plotting.find_attention_weights(two)
+
+
+def test_token_labels_show_pieces_of_subword_vocabularies():
+  class Pieces:  # The part of SubwordVocab that labels read.
+    def pieces(self, ids):
+      return [f'\u2581p{i}' for i in ids]
+
+  ids = [5, 7, vocab_lib.EOS_ID, vocab_lib.PAD_ID]
+  assert plotting.token_labels(Pieces(), ids) == [
+    '\u2581p5',
+    '\u2581p7',
+    plotting.EOS_LABEL,
+    '<pad>',
+  ]
 
 
 def test_token_labels_show_spaces_and_specials():
@@ -249,3 +397,22 @@ def test_cli_plot_checks_the_output_path_first(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith('attnjax plot: error: the directory ')
   assert 'does not exist' in err
+
+
+def test_cli_plot_refuses_a_layer_for_an_rnn(
+  bahdanau_workdir, tmp_path, capsys
+):
+  out = tmp_path / 'attention.png'
+  argv = ['plot', '--workdir', str(bahdanau_workdir), '--input', '1+2']
+  assert cli.main([*argv, '--layer', '0', '--out', str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('attnjax plot: error: ')
+  assert "'bahdanau' decoder has a single attention" in err
+  assert not out.exists()
+
+
+def test_cli_decode_layer_needs_plot(tmp_path, capsys):
+  argv = ['decode', '--workdir', str(tmp_path / 'nowhere'), '--input', '1+2']
+  assert cli.main([*argv, '--head', '0']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('attnjax decode: error: --layer and --head choose')
