@@ -401,6 +401,25 @@ def _init_state(model, tx, task, rng) -> TrainState:
 # Steps.
 
 
+def smoothed_cross_entropy(
+  logits: Array, targets: Array, label_smoothing: float = 0.0
+) -> Array:
+  """Per-token cross-entropy against `optax.smooth_labels` of the one-hot
+  targets, without materialising the `[..., vocab]` labels.
+
+  With labels (1 - a) onehot + a / V, the loss is
+  (1 - a) (logsumexp - logit_target) + a (logsumexp - mean(logits)).
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  loss = log_z - target_logit
+  if label_smoothing:
+    uniform = log_z - jnp.mean(logits, axis=-1)
+    loss = (1 - label_smoothing) * loss + label_smoothing * uniform
+  return loss
+
+
 def token_metrics(
   logits: Array,
   targets: Array,
@@ -412,11 +431,7 @@ def token_metrics(
   mask = targets != pad_id
   if valid is not None:
     mask = mask & valid[:, None]
-  num_classes = logits.shape[-1]
-  labels = jax.nn.one_hot(targets, num_classes, dtype=jnp.float32)
-  if label_smoothing:
-    labels = optax.smooth_labels(labels, label_smoothing)
-  loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+  loss = smoothed_cross_entropy(logits, targets, label_smoothing)
   right = (jnp.argmax(logits, -1) == targets) | ~mask
   rows = jnp.ones(targets.shape[0], bool) if valid is None else valid
   return {

@@ -1,22 +1,29 @@
-"""RNN seq2seq train-step throughput beside the PyTorch peer.
+"""Seq2seq train-step throughput beside the PyTorch peer.
 
   python bench/seq2seq_throughput.py --torch_python=/path/to/venv/bin/python
-      [--models=lstm,bahdanau] [--rounds=3] [--steps=10] [--unroll=1]
+      [--models=lstm,bahdanau,transformer] [--rounds=3] [--steps=10]
+      [--unroll=1]
 
 The sizes are those of `../shared/bench/torch_seq2seq_bench.py` (the PyTorch
 seq2seq tutorials on Multi30k): vocabularies 7853 / 5893, batch 128, source
-and target length 24, dropout 0.5, Adam 5e-4 with a global-norm clip of 1.
+and target length 24, Adam 5e-4 with a global-norm clip of 1.
 
-- `lstm`: `sutskever`, embeddings 256, 2 x 512 LSTM encoder and decoder;
+- `lstm`: `sutskever`, embeddings 256, 2 x 512 LSTM encoder and decoder,
+  dropout 0.5;
 - `bahdanau`: `bahdanau`, embeddings 256, bidirectional GRU 512 encoder,
-  GRU 512 decoder, additive attention (H = 512).
+  GRU 512 decoder, additive attention (H = 512), dropout 0.5;
+- `transformer`: `attnjax.models.transformer.Transformer`, d_model 256,
+  3 + 3 post-LN layers, 8 heads, feed-forward 512, dropout 0.1, learned
+  positions (max_len 100), separate source and target embeddings and output
+  projection (the peer's `nn.Transformer`).
 
-Each round times `--steps` of our jitted train step (forward, backward,
-update; after two warm-up steps) and then runs the peer once (`--steps`
-timed steps after its own warm-up), so machine noise hits both alike. The
-table gives the median target tokens/s of each and their ratio. The peer is
-skipped without --torch_python (torch lives in its own virtual environment:
-`pip install torch==2.13.0 numpy`).
+Each round times `--steps` of our jitted train step (`train_lib.train_step`:
+forward, backward, update; after two warm-up steps) and then runs the peer
+once (`--steps` timed steps after its own warm-up), so machine noise hits
+both alike. The table gives the median target tokens/s of each and their
+ratio. The peer is skipped without --torch_python (torch lives in its own
+virtual environment: `pip install torch==2.13.0 numpy`). `--unroll` applies
+to the RNN models' time scans only.
 """
 
 import functools
@@ -33,10 +40,11 @@ import optax
 from absl import app, flags
 
 from attnjax import train_lib
-from attnjax.models import seq2seq
+from attnjax.models import seq2seq, transformer
 
 SOURCE_VOCAB, TARGET_VOCAB, BATCH, LENGTH = 7853, 5893, 128, 24
-MODELS = {
+RNN_DROPOUT = 0.5
+RNN_MODELS = {
   'lstm': dict(
     decoder='sutskever', cell='lstm', embed_dim=256, hidden_dim=512,
     num_layers=2,
@@ -46,6 +54,11 @@ MODELS = {
     bidirectional=True,
   ),
 }  # fmt: skip
+TRANSFORMER = dict(
+  d_model=256, num_heads=8, num_encoder_layers=3, num_decoder_layers=3,
+  mlp_dim=512, dropout_rate=0.1, max_len=100, positions='learned',
+)  # fmt: skip
+MODELS = (*RNN_MODELS, 'transformer')
 PEER = pathlib.Path(__file__).resolve().parents[2] / (
   'shared/bench/torch_seq2seq_bench.py'
 )
@@ -53,23 +66,37 @@ PEER = pathlib.Path(__file__).resolve().parents[2] / (
 _MODELS = flags.DEFINE_list('models', list(MODELS), 'Models to measure.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per round.')
-_UNROLL = flags.DEFINE_integer('unroll', 1, 'Unroll of the time scans.')
+_UNROLL = flags.DEFINE_integer('unroll', 1, 'Unroll of the RNN time scans.')
 _TORCH = flags.DEFINE_string(
   'torch_python', '', 'Python of a virtual environment with torch.'
 )
 
 
+def _make_model(name: str):
+  """The attnjax model of peer `name`."""
+  if name == 'transformer':
+    return transformer.Transformer(
+      transformer.TransformerConfig(
+        source_vocab_size=SOURCE_VOCAB,
+        target_vocab_size=TARGET_VOCAB,
+        **TRANSFORMER,
+      )
+    )
+  return seq2seq.Seq2Seq(
+    seq2seq.Seq2SeqConfig(
+      source_vocab_size=SOURCE_VOCAB,
+      target_vocab_size=TARGET_VOCAB,
+      dropout_rate=RNN_DROPOUT,
+      unroll=_UNROLL.value,
+      max_source_len=LENGTH,
+      **RNN_MODELS[name],
+    )
+  )
+
+
 def _make_step(name: str):
   """A jitted train step of model `name`, its state and a batch."""
-  config = seq2seq.Seq2SeqConfig(
-    source_vocab_size=SOURCE_VOCAB,
-    target_vocab_size=TARGET_VOCAB,
-    dropout_rate=0.5,
-    unroll=_UNROLL.value,
-    max_source_len=LENGTH,
-    **MODELS[name],
-  )
-  model = seq2seq.Seq2Seq(config)
+  model = _make_model(name)
   rng = np.random.default_rng(0)
   batch = {
     'inputs': jnp.asarray(rng.integers(3, SOURCE_VOCAB, (BATCH, LENGTH))),

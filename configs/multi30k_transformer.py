@@ -13,14 +13,15 @@ from configs import translation
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
   tiny = translation.parse_tiny(variant)
   config = translation.get_config('multi30k', 'transformer')
+  config.data.vocab_size = 6000  # Joint de/en pieces, tied embeddings.
   config.batch_size = 128  # Sentence pairs per step (~1.9k target tokens).
-  config.num_train_steps = 4500  # About 20 epochs of 226 batches.
+  config.num_train_steps = 2400  # About 10.7 epochs of 225 batches.
   config.optimizer.learning_rate = 7e-4  # Peak.
-  config.optimizer.warmup_steps = 800  # Linear warmup.
+  config.optimizer.warmup_steps = 400  # Linear warmup.
   config.optimizer.schedule = 'cosine'  # Then cosine decay to 0.
   config.log_every_steps = 100  # Train metrics and console progress.
-  config.eval_every_steps = 1500  # Validation BLEU (and at the end).
-  config.checkpoint_every_steps = 500  # Checkpoints (and at the end).
+  config.eval_every_steps = 1200  # Validation BLEU (and at the end).
+  config.checkpoint_every_steps = 400  # Checkpoints (and at the end).
   if tiny:
     translation.make_tiny(config)
   return config

@@ -59,7 +59,6 @@ def get_config(task: str, model: str) -> ml_collections.ConfigDict:
   config.data = data_config(task)
   if model == 'transformer':
     config.model = transformer_config()
-    config.label_smoothing = 0.1
     config.optimizer.b2 = 0.98
     config.optimizer.eps = 1e-9
   else:
@@ -69,7 +68,8 @@ def get_config(task: str, model: str) -> ml_collections.ConfigDict:
     config.model.embed_dim = 256
     config.model.hidden_dim = 512
     config.model.dropout_rate = 0.3
-  config.eval_batch_size = 256
+  config.label_smoothing = 0.1  # Of the cross-entropy.
+  config.eval_batch_size = 256  # Validation decoding batch.
   return config
 
 

@@ -1,11 +1,13 @@
 """Learning-rate schedules and the optimiser built from a config."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from attnjax import train_lib
 from attnjax.training import optim
 
 
@@ -74,3 +76,14 @@ def test_clipping_and_weight_decay():
   zero = {'w': jnp.zeros(4)}
   updates, _ = decayed.update(zero, decayed.init(params), params)
   np.testing.assert_allclose(updates['w'], -0.5 * params['w'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1, 0.3])
+def test_smoothed_cross_entropy_matches_optax_labels(smoothing):
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(3, 5, 11)) * 3, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, size=(3, 5)))
+  labels = optax.smooth_labels(jax.nn.one_hot(targets, 11), smoothing)
+  expected = optax.softmax_cross_entropy(logits, labels)
+  got = train_lib.smoothed_cross_entropy(logits, targets, smoothing)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -182,6 +182,21 @@ def _bias_init(axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
+def _flat(layer, x: Array, axes: int = 1) -> Array:
+  """`layer(x)` with the leading dims of `x` merged into one.
+
+  The same values and parameters. XLA on CPU computes the kernel gradient of
+  a 2-D input as one matrix product, but for `[batch, length, ...]` inputs it
+  first transposes the output gradient (for the output projection a
+  `[batch * length, vocab]` copy) and uses a slower product: merging the
+  dims made the train step of `bench/seq2seq_throughput.py` ~14% faster.
+  `axes` is the number of trailing input dims the layer contracts.
+  """
+  lead = x.shape[:-axes]
+  y = layer(x.reshape(-1, *x.shape[x.ndim - axes :]))
+  return y.reshape(*lead, *y.shape[1:])
+
+
 def _layer_norm(config: TransformerConfig, **kwargs) -> nn.LayerNorm:
   return nn.LayerNorm(
     dtype=config.dtype,
@@ -202,18 +217,19 @@ class FeedForward(nn.Module):
   def __call__(self, x: Array) -> Array:
     config = self.config
     dense = functools.partial(nn.Dense, dtype=config.dtype)
-    h = dense(
+    wi = dense(
       config.mlp_dim,
       kernel_init=_kernel_init(('embed', 'mlp')),
       bias_init=_bias_init(('mlp',)),
       name='wi',
-    )(x)
-    return dense(
+    )
+    wo = dense(
       config.d_model,
       kernel_init=_kernel_init(('mlp', 'embed')),
       bias_init=_bias_init(('embed',)),
       name='wo',
-    )(nn.relu(h))
+    )
+    return _flat(wo, nn.relu(_flat(wi, x)))
 
 
 class Sublayer(nn.Module):
@@ -301,7 +317,7 @@ class DecoderAttention(nn.Module):
   def keys_values(self, x: Array) -> tuple[Array, Array]:
     """`x [batch, length, d_model]` -> keys, values `[batch, length, heads,
     head_dim]`."""
-    return self.key(x), self.value(x)
+    return _flat(self.key, x), _flat(self.value, x)
 
   def __call__(
     self,
@@ -321,12 +337,13 @@ class DecoderAttention(nn.Module):
       k_len])`.
     """
     # The pure functions take heads before length.
-    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (self.query(x), keys, values))
+    query = _flat(self.query, x)
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (query, keys, values))
     weights = masks.masked_softmax(self.score_fn(q, k), mask)
     self.sow('intermediates', 'attention_weights', weights)
     dropped = self.dropout(weights, deterministic=not train)
     context = attn_lib.weighted_sum(dropped, v)
-    return self.out(jnp.swapaxes(context, 1, 2)), weights
+    return _flat(self.out, jnp.swapaxes(context, 1, 2), axes=2), weights
 
 
 class DecoderLayer(nn.Module):
@@ -476,9 +493,9 @@ class Transformer(nn.Module):
     if self.config.pre_ln:
       x = self.decoder_norm(x)
     if self.config.share_embeddings:
-      logits = self.target_embed.attend(x)
+      logits = _flat(self.target_embed.attend, x)
     else:
-      logits = self.output_proj(x)
+      logits = _flat(self.output_proj, x)
     return logits.astype(jnp.float32)
 
   def _check_len(self, length: int, name: str) -> None:
