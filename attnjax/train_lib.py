@@ -46,8 +46,13 @@ _IDENTITY_FIELDS = (
   'data.min_len',
   'data.max_len',
   'data.reverse',
+  'data.train_split',
   'data.joint_vocab',
   'data.vocab_size',
+  'data.vocab_model_type',
+  'data.character_coverage',
+  'data.max_source_len',
+  'data.max_target_len',
 )
 # Fields of config.data that are not arguments of the task.
 _DATA_FIELDS = ('task', 'seed', 'heldout_size')
@@ -302,16 +307,23 @@ class Experiment:
   def heldout(
     self, split: str | None = None, n: int | None = None
   ) -> pipeline.HeldOut:
-    """The first `n` examples (default `config.data.heldout_size`) of a
-    held-out split (default: the one scored during training)."""
+    """The first `n` examples of a held-out split.
+
+    Without `split`, the set scored during training: the first
+    `config.data.heldout_size` examples of the validation split (the
+    synthetic tasks' one held-out set). A named translation split is read
+    whole unless `n` is given.
+    """
     task, batch_size = self.task, self.config.eval_batch_size
-    n = self.config.data.heldout_size if n is None else n
+    translation = isinstance(task, parallel.TranslationTask)
+    if n is None and (split is None or not translation):
+      n = self.config.data.heldout_size
     if split is not None and split not in task.splits:
       raise ValueError(
         f'unknown split {split!r}: the {task.name} task has '
         f'{", ".join(task.splits)}.'
       )
-    if isinstance(task, parallel.TranslationTask):
+    if translation:
       return task.heldout(split or 'validation', n=n, batch_size=batch_size)
     return pipeline.heldout_set(task, n=n, batch_size=batch_size)
 
@@ -684,10 +696,10 @@ def initialize_distributed(
   logging.info('Process %d of %d.', jax.process_index(), jax.process_count())
 
 
-def check_vocab_digests(exp: Experiment, mngr) -> None:
+def check_vocab_digests(exp: Experiment, mngr, *, fix: str = '') -> None:
   """Refuses vocabulary files other than those the latest checkpoint in
   `mngr` was trained with (a model decoded with another tokenizer outputs
-  garbage without any error)."""
+  garbage without any error). `fix` replaces the advice in the error."""
   step = mngr.latest_step()
   if step is None:
     return
@@ -702,9 +714,12 @@ def check_vocab_digests(exp: Experiment, mngr) -> None:
       f'the vocabularies in {vocab_dir} ({", ".join(differ)}) are not the '
       f'ones checkpoint step {step} was trained with (SHA-256 '
       f'{", ".join(current[n][:12] for n in differ)} where the checkpoint '
-      f'records {", ".join(saved[n][:12] for n in differ)}). Put the '
-      'original vocab files back, or train this model afresh in a new '
-      '--workdir.'
+      f'records {", ".join(saved[n][:12] for n in differ)}). '
+      + (
+        fix
+        or 'Put the original vocab files back, or train this model afresh '
+        'in a new --workdir.'
+      )
     )
 
 
@@ -723,6 +738,15 @@ def restore_or_init(exp: Experiment, workdir, mngr, data_iterator=None):
     return state, step
   state = exp.init_state(jax.random.key(exp.config.seed))
   if exp.config.get('init_from'):
+    source = pathlib.Path(exp.config.init_from)
+    if (source / checkpoints.CHECKPOINT_DIR).is_dir():
+      check_vocab_digests(
+        exp,
+        checkpoints.manager(source, read_only=True),
+        fix=f'Embeddings only fit the vocabulary they were trained with: '
+        f'copy {source / parallel.VOCAB_DIR} into {workdir} before the '
+        'first run.',
+      )
     params = checkpoints.restore_params(
       exp.config.init_from,
       exp.unboxed_abstract_state().params,
@@ -860,7 +884,7 @@ def load_trained(
   return exp, params
 
 
-def source_batch(task: synthetic.Task, sources: Sequence[str]) -> np.ndarray:
+def source_batch(task: Task, sources: Sequence[str]) -> np.ndarray:
   """Raw source strings as the model's input rows: int32 `[len(sources),
   max_source_len]`, right-padded with PAD (`task.prepare_source` checks each
   string and raises ValueError on bad input)."""

@@ -1,7 +1,10 @@
 """Train-step throughput of a config, sharded jit vs plain jit.
 
   python bench/train_step.py --config=configs/addition.py [--steps=50]
-      [--config.batch_size=...]
+      [--config.batch_size=...] [--workdir=DIR]
+
+Translation configs train (or load) their vocabularies in --workdir (a
+temporary directory by default).
 
 Prints steps/s and target tokens/s of `train_lib.make_train_step` (jit with
 in/out shardings over the config's mesh, donated state) and of a plain
@@ -13,6 +16,7 @@ import functools
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -30,6 +34,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py.')
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds.')
+_WORKDIR = flags.DEFINE_string(
+  'workdir', '', 'Where a translation task keeps its vocabularies.'
+)
 flags.mark_flag_as_required('config')
 
 
@@ -44,7 +51,8 @@ def _time_steps(step_fn, state, batches, rng, steps):
 def main(argv):
   del argv
   config = _CONFIG.value
-  exp = train_lib.Experiment.create(config)
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='attnjax-bench-')
+  exp = train_lib.Experiment.create(config, workdir)
   iterator = exp.train_iterator()
   local = [next(iterator) for _ in range(4)]
   tokens = float(
@@ -70,11 +78,15 @@ def main(argv):
   plain_state = jax.device_put(jax.device_get(sharded_state), jax.devices()[0])
   plain_batches = [jax.device_put(b, jax.devices()[0]) for b in local]
 
-  # Compile and warm up both.
+  # Compile (once per batch shape: translation batches come in buckets) and
+  # warm up both.
+  warmup = len(local)
   sharded_state, _, _ = _time_steps(
-    sharded_fn, sharded_state, sharded_batches, rng, 2
+    sharded_fn, sharded_state, sharded_batches, rng, warmup
   )
-  plain_state, _, _ = _time_steps(plain_fn, plain_state, plain_batches, rng, 2)
+  plain_state, _, _ = _time_steps(
+    plain_fn, plain_state, plain_batches, rng, warmup
+  )
   times = {'sharded jit': [], 'plain jit': []}
   for _ in range(_ROUNDS.value):
     sharded_state, t, _ = _time_steps(
@@ -91,9 +103,10 @@ def main(argv):
     f'jax {jax.__version__}, {jax.devices()[0].platform} x '
     f'{len(jax.devices())}, mesh {dict(exp.mesh.shape)}'
   )
+  params = sum(x.size for x in jax.tree.leaves(sharded_state.params))
   print(
-    f'config: {config.model.decoder} {config.model.cell} '
-    f'hidden {config.model.hidden_dim}, batch {config.batch_size}, '
+    f'config: {train_lib.model_name(config)} on {config.data.task}, '
+    f'{params / 1e6:.1f}M parameters, batch {config.batch_size}, '
     f'{tokens:.0f} target tokens/batch'
   )
   print()

@@ -1,13 +1,17 @@
 """Every experiment config, with every model variant, builds a model."""
 
+import functools
 import importlib
 import pathlib
 import sys
+import types
 
 import jax
 import pytest
 
 from attnjax import train_lib
+from attnjax.data import parallel
+from attnjax.training import optim, sharding
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -41,3 +45,46 @@ def test_unknown_variant_is_refused(argument):
 
   with pytest.raises(ValueError, match='unknown config variant'):
     addition.get_config(argument)
+
+
+TRANSLATION_CONFIGS = (
+  'multi30k_transformer',
+  'multi30k_bahdanau',
+  'anki_fra_transformer',
+  'anki_cmn_transformer',
+)
+
+
+@pytest.mark.parametrize('size', ['', 'tiny'])
+@pytest.mark.parametrize('name', TRANSLATION_CONFIGS)
+def test_translation_configs_build(name, size):
+  """Shapes only: a stand-in task with the configured vocabulary sizes, so
+  no data is read and no vocabulary trained."""
+  config = importlib.import_module(f'configs.{name}').get_config(size)
+  train_lib.validate_config(config)
+  data = parallel.TranslationData.from_config(config.data)
+  vocab = types.SimpleNamespace(size=data.vocab_size)
+  task = types.SimpleNamespace(
+    source_vocab=vocab,
+    target_vocab=vocab,
+    max_source_len=data.max_source_len,
+    max_target_len=data.max_target_len,
+  )
+  model = train_lib.build_model(config, task)
+  assert train_lib.model_name(config) in name
+  tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
+  abstract = jax.eval_shape(
+    functools.partial(train_lib._init_state, model, tx, task),
+    jax.random.key(0),
+  )
+  mesh = sharding.make_mesh(-1, 1)
+  assert jax.tree.leaves(sharding.state_shardings(abstract, mesh).params)
+  # Every bucket fits the model's positions.
+  assert max(data.buckets[:-1], default=0) <= data.max_len
+
+
+@pytest.mark.parametrize('name', TRANSLATION_CONFIGS)
+def test_translation_configs_refuse_rnn_variants(name):
+  module = importlib.import_module(f'configs.{name}')
+  with pytest.raises(ValueError, match='only "tiny"'):
+    module.get_config('bahdanau')

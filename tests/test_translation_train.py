@@ -7,6 +7,7 @@ configs.
 
 import json
 import pathlib
+import shutil
 import sys
 
 import grain
@@ -197,6 +198,7 @@ def test_iterator_state_restores_exactly(task):
   for want in expected:
     got = next(fresh)
     np.testing.assert_array_equal(got['inputs'], want['inputs'])
+    np.testing.assert_array_equal(got['targets'], want['targets'])
   assert isinstance(fresh, grain.DatasetIterator)
 
 
@@ -251,6 +253,34 @@ def test_bleu_cased_and_lowercased():
   assert scores['bleu'] == pytest.approx(expected)
 
 
+def test_bleu_of_chinese_uses_the_zh_tokenizer():
+  refs = ['我们在公园里散步。', '他喜欢喝茶。']
+  hyps = ['我们在公园散步。', '他喜欢喝茶。']
+  scores = parallel.bleu(hyps, refs, chinese=True)
+  expected = sacrebleu.corpus_bleu(hyps, [refs], tokenize='zh').score
+  assert scores['bleu'] == pytest.approx(expected)
+  # 13a would see each unsegmented sentence as one word.
+  assert expected != sacrebleu.corpus_bleu(hyps, [refs]).score
+
+
+def test_heldout_truncation_is_counted(tfds_dir, tmp_path, caplog):
+  short = make_task(tfds_dir, tmp_path, max_source_len=8, max_target_len=8)
+  heldout = short.heldout('validation', n=50, batch_size=25)
+  assert heldout.batches[0]['inputs'].shape[1] == 8
+  counts = [
+    int(w) for w in caplog.text.split('validation:')[1].split() if w.isdigit()
+  ]
+  assert counts[0] > 0  # sources truncated, counted in the warning
+  assert len(heldout.references) == 50
+
+
+def test_named_split_is_read_whole(trained):
+  exp, _ = train_lib.load_trained(trained[0])
+  assert len(exp.heldout('test').references) == 1000  # test_2016
+  assert len(exp.heldout().references) == exp.config.data.heldout_size
+  assert len(exp.heldout('test', 5).references) == 5
+
+
 def test_bad_data_config_names_the_field():
   with pytest.raises(ValueError, match='config.data.buckets'):
     parallel.TranslationData(task='multi30k', buckets=(20, 10))
@@ -294,15 +324,22 @@ def test_train_checkpoint_evaluate_decode(trained):
 
 
 def test_resume_equals_uninterrupted_run(tfds_dir, tmp_path):
-  common = dict(log_every_steps=1, checkpoint_every_steps=4)
-  common['eval_every_steps'] = 100
+  """Stopped at step 8 and resumed to 24, across epoch boundaries."""
+  common = {
+    'log_every_steps': 1,
+    'checkpoint_every_steps': 4,
+    'eval_every_steps': 100,
+    'data.train_split': 'train[:200]',
+    'data.vocab_size': 250,
+  }
   runs = {}
-  for name, steps in (('straight', [12]), ('resumed', [6, 12])):
+  for name, steps in (('straight', [24]), ('resumed', [8, 24])):
     for num_steps in steps:
       config = tiny_config(tfds_dir, num_train_steps=num_steps, **common)
       train_lib.train_and_evaluate(config, str(tmp_path / name))
-    _, params = train_lib.load_trained(tmp_path / name)
+    exp, params = train_lib.load_trained(tmp_path / name)
     runs[name] = jax.device_get(params)
+  assert parallel._BatchPlan(exp.task, 16).steps_per_epoch < 16
   for a, b in zip(
     jax.tree.leaves(runs['straight']),
     jax.tree.leaves(runs['resumed']),
@@ -318,8 +355,6 @@ def test_vocab_not_of_the_checkpoint_is_refused(trained, tfds_dir, tmp_path):
   for item in ('config.json', 'checkpoints', 'vocab'):
     src = workdir / item
     if src.is_dir():
-      import shutil
-
       shutil.copytree(src, copy / item)
     else:
       (copy / item).write_bytes(src.read_bytes())
@@ -332,6 +367,10 @@ def test_vocab_not_of_the_checkpoint_is_refused(trained, tfds_dir, tmp_path):
   )
   with pytest.raises(ValueError, match='not the ones checkpoint step'):
     train_lib.load_trained(copy)
+  # Resuming training there is refused too.
+  config = tiny_config(tfds_dir, keep_checkpoints=1, num_train_steps=30)
+  with pytest.raises(ValueError, match='not the ones checkpoint step'):
+    train_lib.train_and_evaluate(config, str(copy))
   (copy / 'vocab' / 'joint.model').unlink()
   with pytest.raises(FileNotFoundError, match='copy them back'):
     train_lib.load_trained(copy)

@@ -77,7 +77,8 @@ class TranslationData:
       (and the longest decoded output).
     buckets: increasing lengths; a training pair goes to the first bucket
       that fits both sides, and its batch is padded to that length (capped
-      by the maxima above).
+      by the maxima above). The last bucket's batches are padded to the
+      maxima, and take the pairs longer than every bucket.
     long_input: what `prepare_source` does with an over-long input: 'error'
       or 'truncate' (with a warning).
     on_bad_utf8, on_bad_line: 'error' or 'skip' (with a logged count) for
@@ -271,7 +272,7 @@ class TranslationTask:
         "part of the trained model (train.py writes them into the workdir's "
         f'{VOCAB_DIR}/ folder): copy them back from the original workdir.'
       )
-    if missing:
+    if train:
       self._train_vocabs(paths)
     vocabs = {name: tokenizer.SubwordVocab(p) for name, p in paths.items()}
     if self.data.joint_vocab:
@@ -279,9 +280,17 @@ class TranslationTask:
     return vocabs['source'], vocabs['target']
 
   def _train_vocabs(self, paths: dict[str, pathlib.Path]) -> None:
+    """Trains the missing vocabularies. In a multi-process run process 0
+    decides and trains, and every process waits for it; the workdir must
+    be on a file system all processes share."""
     import jax  # Only to agree across processes.
     from jax.experimental import multihost_utils
 
+    missing = not all(p.exists() for p in paths.values())
+    if jax.process_count() > 1:
+      missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+    if not missing:
+      return
     if jax.process_index() == 0:
       pairs = self._train_pairs()
       texts = {
@@ -309,6 +318,12 @@ class TranslationTask:
         )
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('attnjax vocabularies written')
+      if not all(p.exists() for p in paths.values()):
+        raise FileNotFoundError(
+          f'process {jax.process_index()} does not see the vocabularies '
+          f'process 0 wrote to {self.vocab_dir}: the workdir must be on a '
+          'file system all processes share.'
+        )
 
   def vocab_digests(self) -> dict[str, str]:
     """SHA-256 of each vocabulary file, by role ('source', 'target')."""
@@ -429,7 +444,7 @@ class TranslationTask:
       )
     pairs = self.pairs(self.splits[split])
     count = len(pairs) if n is None else min(n, len(pairs))
-    pairs = pairs.__getitems__(range(count))
+    pairs = pairs[:count]
     sources = [s for s, _ in pairs]
     references = [t for _, t in pairs]
     source_ids = self.source_vocab.encode_many(sources)

@@ -74,17 +74,23 @@ def train_vocab(
       bos_id=BOS_ID,
       eos_id=EOS_ID,
       unk_id=UNK_ID,
+      # No NFKC: decoded text must match the raw references BLEU compares
+      # it with (NFKC turns Chinese full-width punctuation into ASCII).
+      normalization_rule_name='identity',
       num_threads=1,
       minloglevel=2,
     )
   except RuntimeError as e:
     raise ValueError(
-      f'SentencePiece could not train a {vocab_size}-piece vocabulary: {e}. '
-      'Lower the vocabulary size or train on more text.'
+      f'SentencePiece could not train a {vocab_size}-piece vocabulary '
+      f'({e}); set the vocabulary size within the bounds it names.'
     ) from e
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(model.getvalue())
+  # Written whole or not at all: a reader never sees half a model.
+  partial = path.with_name(path.name + '.partial')
+  partial.write_bytes(model.getvalue())
+  os.replace(partial, path)
   return SubwordVocab(path)
 
 

@@ -420,7 +420,7 @@ class PairSource(Sequence):
 
   def __getitem__(self, index):
     if isinstance(index, slice):
-      return [self[i] for i in range(*index.indices(len(self)))]
+      return self.__getitems__(range(*index.indices(len(self))))
     example = self._data[range(len(self))[index]]  # Negative, bounds.
     return (
       _as_str(example[self.source_key]),

@@ -1,0 +1,108 @@
+"""BLEU of trained translation workdirs, greedy and beam search, as a table.
+
+  python bench/translation_results.py \
+      --workdirs=workdirs/multi30k_transformer,workdirs/multi30k_bahdanau \
+      [--split=test] [--beams=1,4] [--alpha=0.6] [--show=4]
+
+For each workdir (trained by `train.py`) and each beam size, decodes the
+whole split and prints sacreBLEU corpus BLEU on cased, detokenised text
+(`bleu`) and on lowercased text (`bleu_lc`; both 13a-tokenised, or 'zh' for
+Chinese), the teacher-forced perplexity, the decoding time, and the training
+time and steps read from the run's `metrics.jsonl`. `--input` sentences are
+decoded by every model (beam 4 if among --beams) after the table.
+"""
+
+import json
+import pathlib
+import time
+
+import jax
+from absl import app, flags
+
+from attnjax import train_lib
+from attnjax.training import checkpoints
+
+_WORKDIRS = flags.DEFINE_list('workdirs', [], 'Trained workdirs.')
+_SPLIT = flags.DEFINE_string('split', 'test', 'validation or test.')
+_BEAMS = flags.DEFINE_list('beams', ['1', '4'], 'Beam sizes (1 = greedy).')
+_ALPHA = flags.DEFINE_float('alpha', 0.6, 'Length penalty of beam search.')
+_INPUTS = flags.DEFINE_multi_string('input', [], 'Sentences to translate.')
+_SHOW = flags.DEFINE_integer('show', 0, 'Example translations per model.')
+
+
+def _training_time(workdir: pathlib.Path) -> tuple[int, float]:
+  """(last step, seconds of training) from the logged steps/s windows."""
+  rows = [
+    json.loads(line)
+    for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
+  train = [r for r in rows if r['split'] == 'train']
+  seconds, previous = 0.0, 0
+  for row in train:
+    seconds += (row['step'] - previous) / max(row['steps_per_s'], 1e-9)
+    previous = row['step']
+  return previous, seconds
+
+
+def main(argv):
+  del argv
+  checkpoints.quiet_orbax_logs()
+  beams = [int(b) for b in _BEAMS.value]
+  rows, examples = [], []
+  for workdir in map(pathlib.Path, _WORKDIRS.value):
+    exp, params = train_lib.load_trained(workdir)
+    steps, seconds = _training_time(workdir)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    for beam in beams:
+      start = time.perf_counter()
+      result = train_lib.evaluate(
+        exp,
+        params,
+        split=_SPLIT.value,
+        num_examples=10**9,
+        beam_size=beam,
+        alpha=_ALPHA.value if beam > 1 else 0.0,
+        show=_SHOW.value,
+      )
+      rows.append(
+        (
+          workdir.name,
+          f'{n_params / 1e6:.1f}M',
+          f'{steps} ({seconds / 60:.0f} min)',
+          str(beam),
+          f'{result["bleu"]:.2f}',
+          f'{result["bleu_lowercase"]:.2f}',
+          f'{result["perplexity"]:.2f}',
+          f'{time.perf_counter() - start:.0f} s',
+        )
+      )
+      examples += [(workdir.name, beam, *e) for e in result.get('examples', [])]
+    if _INPUTS.value:
+      beam = max(beams)
+      outputs = train_lib.decode(
+        exp, params, _INPUTS.value, beam_size=beam, alpha=_ALPHA.value
+      )
+      for source, output in zip(_INPUTS.value, outputs, strict=True):
+        print(f'{workdir.name} (beam {beam}): {source} -> {output}')
+  n = result['num_examples']
+  print(f'\n{_SPLIT.value} split, {n} sentences; alpha {_ALPHA.value}\n')
+  header = (
+    'workdir',
+    'params',
+    'train steps (time)',
+    'beam',
+    'bleu',
+    'bleu_lc',
+    'ppl',
+    'decode',
+  )
+  print('| ' + ' | '.join(header) + ' |')
+  print('|' + '---|' * len(header))
+  for row in rows:
+    print('| ' + ' | '.join(row) + ' |')
+  for name, beam, source, reference, output in examples:
+    print(f'{name} beam {beam}: {source!r} -> {output!r} (ref {reference!r})')
+
+
+if __name__ == '__main__':
+  app.run(main)
