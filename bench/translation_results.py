@@ -3,13 +3,16 @@
   python bench/translation_results.py \
       --workdirs=workdirs/multi30k_transformer,workdirs/multi30k_bahdanau \
       [--split=test] [--beams=1,4] [--alpha=0.6] [--show=4]
+      [--num_examples=N] [--input=SENTENCE ...]
 
 For each workdir (trained by `train.py`) and each beam size, decodes the
 whole split and prints sacreBLEU corpus BLEU on cased, detokenised text
 (`bleu`) and on lowercased text (`bleu_lc`; both 13a-tokenised, or 'zh' for
 Chinese), the teacher-forced perplexity, the decoding time, and the training
-time and steps read from the run's `metrics.jsonl`. `--input` sentences are
-decoded by every model (beam 4 if among --beams) after the table.
+time and steps read from the run's `metrics.jsonl` (the sum of its logged
+windows: it includes any time the run waited for the CPU). `--input`
+sentences are decoded by every model with the largest of --beams.
+`--num_examples` scores only the first N sentences of the split.
 """
 
 import json
@@ -28,6 +31,7 @@ _BEAMS = flags.DEFINE_list('beams', ['1', '4'], 'Beam sizes (1 = greedy).')
 _ALPHA = flags.DEFINE_float('alpha', 0.6, 'Length penalty of beam search.')
 _INPUTS = flags.DEFINE_multi_string('input', [], 'Sentences to translate.')
 _SHOW = flags.DEFINE_integer('show', 0, 'Example translations per model.')
+_NUM = flags.DEFINE_integer('num_examples', 0, 'First N sentences (0: all).')
 
 
 def _training_time(workdir: pathlib.Path) -> tuple[int, float]:
@@ -47,6 +51,8 @@ def _training_time(workdir: pathlib.Path) -> tuple[int, float]:
 def main(argv):
   del argv
   checkpoints.quiet_orbax_logs()
+  if not _WORKDIRS.value:
+    raise app.UsageError('give --workdirs=DIR[,DIR...]')
   beams = [int(b) for b in _BEAMS.value]
   rows, examples = [], []
   for workdir in map(pathlib.Path, _WORKDIRS.value):
@@ -59,7 +65,7 @@ def main(argv):
         exp,
         params,
         split=_SPLIT.value,
-        num_examples=10**9,
+        num_examples=_NUM.value or None,
         beam_size=beam,
         alpha=_ALPHA.value if beam > 1 else 0.0,
         show=_SHOW.value,
