@@ -20,13 +20,13 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.data.buckets = (8, 12, 16, 24, 48)  # Most pairs are short.
   config.data.heldout_size = 2000  # Validation pairs scored in training.
   config.batch_size = 128  # Sentence pairs per step.
-  config.num_train_steps = 800  # About 4 epochs of ~200 batches.
+  config.num_train_steps = 3000  # About 15 epochs of ~200 batches.
   config.optimizer.learning_rate = 7e-4  # Peak.
-  config.optimizer.warmup_steps = 200  # Linear warmup.
+  config.optimizer.warmup_steps = 300  # Linear warmup.
   config.optimizer.schedule = 'cosine'  # Then cosine decay to 0.
   config.log_every_steps = 100  # Train metrics and console progress.
-  config.eval_every_steps = 400  # Validation BLEU (and at the end).
-  config.checkpoint_every_steps = 400  # Checkpoints (and at the end).
+  config.eval_every_steps = 1000  # Validation BLEU (and at the end).
+  config.checkpoint_every_steps = 1000  # Checkpoints (and at the end).
   if tiny:
     translation.make_tiny(config)
   return config
