@@ -2,7 +2,7 @@
 
   python bench/seq2seq_throughput.py --torch_python=/path/to/venv/bin/python
       [--models=lstm,bahdanau,transformer] [--rounds=3] [--steps=10]
-      [--unroll=1]
+      [--unroll=1] [--profile]
 
 The sizes are those of `../shared/bench/torch_seq2seq_bench.py` (the PyTorch
 seq2seq tutorials on Multi30k): vocabularies 7853 / 5893, batch 128, source
@@ -24,13 +24,20 @@ both alike. The table gives the median target tokens/s of each and their
 ratio. The peer is skipped without --torch_python (torch lives in its own
 virtual environment: `pip install torch==2.13.0 numpy`). `--unroll` applies
 to the RNN models' time scans only.
+
+`--profile` then traces `--steps` more steps of each model with the JAX
+profiler and prints where the CPU worker threads spent them: busy time per
+thread, the share of the two-thread wall clock they kept busy, and the ops
+(XLA fusions, YNNPACK matrix products) that took the most thread time.
 """
 
+import collections
 import functools
 import pathlib
 import re
 import statistics
 import subprocess
+import tempfile
 import time
 
 import jax
@@ -67,6 +74,9 @@ _MODELS = flags.DEFINE_list('models', list(MODELS), 'Models to measure.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per round.')
 _UNROLL = flags.DEFINE_integer('unroll', 1, 'Unroll of the RNN time scans.')
+_PROFILE = flags.DEFINE_bool(
+  'profile', False, 'Also print where the worker threads spend a step.'
+)
 _TORCH = flags.DEFINE_string(
   'torch_python', '', 'Python of a virtual environment with torch.'
 )
@@ -128,6 +138,59 @@ def _time(step, state, batch, steps):
   return state, BATCH * LENGTH * steps / (time.perf_counter() - start)
 
 
+def _profile(name, step, state, batch):
+  """Traces `--steps` steps and prints a per-thread and per-op breakdown."""
+  flops = step.lower(state, batch, jax.random.key(0)).compile()
+  flops = flops.cost_analysis()['flops']
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    start = time.perf_counter()
+    state, _ = _time(step, state, batch, _STEPS.value)
+    wall = (time.perf_counter() - start) / _STEPS.value
+    jax.profiler.stop_trace()
+    (path,) = pathlib.Path(trace_dir).rglob('*.xplane.pb')
+    data = jax.profiler.ProfileData.from_file(str(path))
+  # XLA's CPU worker threads; the outer executor and pool-wait events
+  # enclose the ops, so only the ops themselves count as busy.
+  threads, ops = {}, collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      if 'XLAEigen' not in line.name:
+        continue
+      events = sorted(
+        (e.start_ns, e.start_ns + e.duration_ns, e.name)
+        for e in line.events
+        if not e.name.startswith(('ThunkExecutor', 'Slinky', 'Threadpool'))
+        and not e.name.startswith('end: ')
+      )
+      busy, end = 0, 0
+      for start_ns, end_ns, op in events:
+        busy += max(0, end_ns - max(start_ns, end))
+        end = max(end, end_ns)
+        ops[op.split('.')[0]] += end_ns - start_ns
+      threads[line.name] = busy / _STEPS.value / 1e9
+  if not threads:
+    print(f'{name}: the trace has no XLA CPU worker threads to profile.')
+    return state
+  busy = sum(threads.values())
+  matmul = ops['ynn_fusion'] / _STEPS.value / 1e9
+  print(
+    f'\n{name}: {wall * 1e3:.0f} ms per step (traced), {flops / 1e9:.1f} '
+    f'GFLOP per step (XLA cost analysis); worker threads busy '
+    f'{" + ".join(f"{t * 1e3:.0f}" for t in threads.values())} ms, '
+    f'{busy / (len(threads) * wall):.0%} of {len(threads)} x the wall '
+    f'clock; YNNPACK matrix products {matmul * 1e3:.0f} thread-ms '
+    f'({flops / 1e9 / matmul:.0f} GFLOP/s per busy thread if all the '
+    'FLOPs were theirs)\n'
+  )
+  print('| op (XLA CPU thunk) | thread-ms per step | share of busy |')
+  print('|---|---|---|')
+  for op, ns in ops.most_common(12):
+    ms = ns / _STEPS.value / 1e6
+    print(f'| {op} | {ms:.1f} | {ms / 1e3 / busy:.1%} |')
+  return state
+
+
 def _peer(name: str) -> float:
   command = [_TORCH.value, str(PEER), name, str(LENGTH), str(LENGTH)]
   out = subprocess.run(
@@ -149,6 +212,8 @@ def main(argv):
       if _TORCH.value:
         peers.append(_peer(name))
     rows.append((name, n_params, ours, peers))
+    if _PROFILE.value:
+      state = _profile(name, step, state, batch)
     print(f'{name}: attnjax {[round(r) for r in ours]} torch {peers}')
   print(
     f'\nbatch {BATCH}, lengths {LENGTH}, unroll {_UNROLL.value}, '
