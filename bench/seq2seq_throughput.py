@@ -27,10 +27,16 @@ to the RNN models' time scans only.
 
 `--profile` then traces `--steps` more steps of each model with the JAX
 profiler and prints where the CPU worker threads spent them: busy time per
-thread, the share of the two-thread wall clock they kept busy, and the ops
-(XLA fusions, YNNPACK matrix products) that took the most thread time.
+thread (its ops and its thread-pool tasks), the share of the wall clock they
+kept busy, and the ops (XLA fusions, YNNPACK matrix products) that took the
+most thread time. From the thread time of the matrix products it gives the
+tokens/s the step would reach if nothing else took time ("products only",
+with its ratio to the peer). For comparison it also finds every matrix
+product of the step (the dot_generals of its jaxpr: forward, backward,
+attention) and times each alone, jitted by itself on the same shapes.
 """
 
+import bisect
 import collections
 import functools
 import pathlib
@@ -41,6 +47,7 @@ import tempfile
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -66,6 +73,9 @@ TRANSFORMER = dict(
   mlp_dim=512, dropout_rate=0.1, max_len=100, positions='learned',
 )  # fmt: skip
 MODELS = (*RNN_MODELS, 'transformer')
+# XLA CPU thunks that compute matrix products: YNNPACK and XNNPACK fusions
+# (some with a fused reduction) and Eigen's dots.
+MATMUL_THUNKS = ('ynn_fusion', 'xnn_fusion', 'dot', 'dot_general')
 PEER = pathlib.Path(__file__).resolve().parents[2] / (
   'shared/bench/torch_seq2seq_bench.py'
 )
@@ -138,8 +148,140 @@ def _time(step, state, batch, steps):
   return state, BATCH * LENGTH * steps / (time.perf_counter() - start)
 
 
+def _worker_time(data):
+  """Per XLA CPU worker thread: its busy ns, and thread ns per op.
+
+  A worker runs thunks (op events) and thread-pool tasks: the XLA executor's
+  and the parallel chunks of a YNNPACK product, recorded as StartRegion /
+  StopRegion pairs. A task that runs on one thread while an op runs on the
+  other is that op's parallel work and is counted as its time (the tasks
+  also hold the thread's own ops, counted once).
+  """
+  threads = {}
+  for plane in data.planes:
+    for line in plane.lines:
+      if 'XLAEigen' not in line.name:
+        continue
+      ops, tasks, start = [], [], None
+      for e in sorted(line.events, key=lambda e: e.start_ns):
+        if e.name == 'ThreadpoolListener::StartRegion':
+          start = e.start_ns
+        elif e.name == 'ThreadpoolListener::StopRegion' and start is not None:
+          tasks.append((start, e.start_ns))
+          start = None
+        elif not e.name.startswith(
+          ('ThunkExecutor', 'Slinky', 'Threadpool', 'end: ')
+        ):
+          ops.append((e.start_ns, e.start_ns + e.duration_ns, e.name))
+      threads[line.name] = ops, tasks
+  busy, per_op = {}, collections.Counter()
+  for name, (ops, tasks) in threads.items():
+    spans, covered, end = sorted([(s, e) for s, e, _ in ops] + tasks), 0, 0
+    for s, e in spans:
+      covered += max(0, e - max(s, end))
+      end = max(end, e)
+    busy[name] = covered
+    for s, e, op in ops:
+      per_op[op.split('.')[0]] += e - s
+    others = [o for other, (o, _) in threads.items() if other != name]
+    for s, e in _gaps(ops, tasks):
+      mid = (s + e) / 2
+      owner = next((op for o in others if (op := _running(o, mid))), None)
+      per_op[owner[2].split('.')[0] if owner else '(pool task, no op)'] += e - s
+  return busy, per_op
+
+
+def _running(ops, t):
+  """The op of one thread's sorted, disjoint `ops` running at time t."""
+  i = bisect.bisect_right(ops, (t, float('inf'))) - 1
+  return ops[i] if i >= 0 and ops[i][1] >= t else None
+
+
+def _gaps(ops, tasks):
+  """The parts of `tasks` outside one thread's sorted, disjoint `ops`."""
+  for start, end in tasks:
+    i = max(0, bisect.bisect_right(ops, (start, float('inf'))) - 1)
+    while start < end and i < len(ops) and ops[i][0] < end:
+      if ops[i][1] > start:
+        if ops[i][0] > start:
+          yield start, ops[i][0]
+        start = ops[i][1]
+      i += 1
+    if start < end:
+      yield start, end
+
+
+def _dot_products(step, state, batch):
+  """{(operand shapes and dtypes, dimension numbers, result dtype): count}
+  of the dot_generals the step runs (those in scans times their length)."""
+  dots = collections.Counter()
+
+  def walk(jaxpr, times):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        operands = tuple((v.aval.shape, v.aval.dtype) for v in eqn.invars)
+        dots[
+          operands,
+          eqn.params['dimension_numbers'],
+          eqn.params['preferred_element_type'],
+        ] += times
+      if eqn.primitive.name == 'scan':
+        inner = times * eqn.params['length']
+      else:
+        inner = times
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub, inner)
+
+  walk(jax.make_jaxpr(step)(state, batch, jax.random.key(0)).jaxpr, 1)
+  return dots
+
+
+def _median_call(compiled, args, calls=7):
+  """Median seconds of one call of `compiled`, after a warm-up call."""
+  compiled(*args).block_until_ready()
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    compiled(*args).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _products_alone(step, state, batch):
+  """Seconds and FLOPs of the step's matrix products, each timed alone.
+
+  Each product is jitted by itself; the cost of a call that does no work on
+  the same arguments is taken off, which matters for the small products in
+  the RNN models' time loops.
+  """
+  seconds = flops = 0.0
+  rng = np.random.default_rng(0)
+  for (operands, dims, out_dtype), count in _dot_products(
+    step, state, batch
+  ).items():
+    args = [jnp.asarray(rng.standard_normal(s), d) for s, d in operands]
+    dot = jax.jit(
+      functools.partial(
+        jax.lax.dot_general,
+        dimension_numbers=dims,
+        preferred_element_type=out_dtype,
+      )
+    )
+    dot = dot.lower(*args).compile()
+    call = jax.jit(lambda a, b: a.ravel()[0] + b.ravel()[0])
+    call = call.lower(*args).compile()
+    work = _median_call(dot, args) - _median_call(call, args)
+    seconds += count * max(work, 0.0)
+    flops += count * dot.cost_analysis()['flops']
+  return seconds, flops
+
+
 def _profile(name, step, state, batch):
-  """Traces `--steps` steps and prints a per-thread and per-op breakdown."""
+  """Traces `--steps` steps and prints a per-thread and per-op breakdown.
+
+  Returns the state and the target tokens/s the step would reach if only
+  its matrix products took time, at the speed they ran in the trace.
+  """
   flops = step.lower(state, batch, jax.random.key(0)).compile()
   flops = flops.cost_analysis()['flops']
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -149,46 +291,34 @@ def _profile(name, step, state, batch):
     wall = (time.perf_counter() - start) / _STEPS.value
     jax.profiler.stop_trace()
     (path,) = pathlib.Path(trace_dir).rglob('*.xplane.pb')
-    data = jax.profiler.ProfileData.from_file(str(path))
-  # XLA's CPU worker threads; the outer executor and pool-wait events
-  # enclose the ops, so only the ops themselves count as busy.
-  threads, ops = {}, collections.Counter()
-  for plane in data.planes:
-    for line in plane.lines:
-      if 'XLAEigen' not in line.name:
-        continue
-      events = sorted(
-        (e.start_ns, e.start_ns + e.duration_ns, e.name)
-        for e in line.events
-        if not e.name.startswith(('ThunkExecutor', 'Slinky', 'Threadpool'))
-        and not e.name.startswith('end: ')
-      )
-      busy, end = 0, 0
-      for start_ns, end_ns, op in events:
-        busy += max(0, end_ns - max(start_ns, end))
-        end = max(end, end_ns)
-        ops[op.split('.')[0]] += end_ns - start_ns
-      threads[line.name] = busy / _STEPS.value / 1e9
-  if not threads:
+    busy, per_op = _worker_time(jax.profiler.ProfileData.from_file(str(path)))
+  if not busy:
     print(f'{name}: the trace has no XLA CPU worker threads to profile.')
-    return state
-  busy = sum(threads.values())
-  matmul = ops['ynn_fusion'] / _STEPS.value / 1e9
+    return state, float('nan')
+  busy = {thread: ns / _STEPS.value / 1e9 for thread, ns in busy.items()}
+  total = sum(busy.values())
+  products = sum(per_op[op] for op in MATMUL_THUNKS) / _STEPS.value / 1e9
+  alone, product_flops = _products_alone(step, state, batch)
+  bound = BATCH * LENGTH * len(busy) / products
   print(
     f'\n{name}: {wall * 1e3:.0f} ms per step (traced), {flops / 1e9:.1f} '
-    f'GFLOP per step (XLA cost analysis); worker threads busy '
-    f'{" + ".join(f"{t * 1e3:.0f}" for t in threads.values())} ms, '
-    f'{busy / (len(threads) * wall):.0%} of {len(threads)} x the wall '
-    f'clock; YNNPACK matrix products {matmul * 1e3:.0f} thread-ms '
-    f'({flops / 1e9 / matmul:.0f} GFLOP/s per busy thread if all the '
-    'FLOPs were theirs)\n'
+    f'GFLOP (XLA cost analysis), {flops / 1e9 / wall:.0f} GFLOP/s. Worker '
+    f'threads busy {" + ".join(f"{t * 1e3:.0f}" for t in busy.values())} '
+    f'ms, {total / (len(busy) * wall):.0%} of {len(busy)} x the wall clock.'
+    f'\nMatrix products ({product_flops / 1e9:.1f} GFLOP): '
+    f'{products * 1e3:.0f} thread-ms in the step, '
+    f'{product_flops / 1e9 / products:.0f} GFLOP/s per busy thread; if '
+    f'nothing else took time the step would run at {bound:,.0f} target '
+    f'tokens/s. Each timed alone (jitted by itself, all threads): '
+    f'{alone * 1e3:.0f} ms per step, {product_flops / 1e9 / alone:.0f} '
+    f'GFLOP/s.\n'
   )
   print('| op (XLA CPU thunk) | thread-ms per step | share of busy |')
   print('|---|---|---|')
-  for op, ns in ops.most_common(12):
+  for op, ns in per_op.most_common(12):
     ms = ns / _STEPS.value / 1e6
-    print(f'| {op} | {ms:.1f} | {ms / 1e3 / busy:.1%} |')
-  return state
+    print(f'| {op} | {ms:.1f} | {ms / 1e3 / total:.1%} |')
+  return state, bound
 
 
 def _peer(name: str) -> float:
@@ -211,24 +341,31 @@ def main(argv):
       ours.append(rate)
       if _TORCH.value:
         peers.append(_peer(name))
-    rows.append((name, n_params, ours, peers))
+    bound = float('nan')
     if _PROFILE.value:
-      state = _profile(name, step, state, batch)
+      state, bound = _profile(name, step, state, batch)
+    rows.append((name, n_params, ours, peers, bound))
     print(f'{name}: attnjax {[round(r) for r in ours]} torch {peers}')
   print(
     f'\nbatch {BATCH}, lengths {LENGTH}, unroll {_UNROLL.value}, '
     f'{len(jax.devices())} {jax.devices()[0].platform} device(s); median '
     f'of {_ROUNDS.value} rounds of {_STEPS.value} steps, target tokens/s\n'
   )
-  print('| model | params | attnjax | torch | ratio |')
-  print('|---|---|---|---|---|')
-  for name, n_params, ours, peers in rows:
+  header = '| model | params | attnjax | torch | ratio |'
+  if _PROFILE.value:
+    header += ' products only | its ratio |'
+  print(header)
+  print('|---' * header.count(' | ') + '|---|')
+  for name, n_params, ours, peers, bound in rows:
     mine = statistics.median(ours)
     peer = statistics.median(peers) if peers else float('nan')
-    print(
+    row = (
       f'| {name} | {n_params / 1e6:.1f}M | {mine:,.0f} | {peer:,.0f} | '
       f'{mine / peer:.2f}x |'
     )
+    if _PROFILE.value:
+      row += f' {bound:,.0f} | {bound / peer:.2f}x |'
+    print(row)
 
 
 if __name__ == '__main__':
