@@ -387,6 +387,14 @@ def check_search(beam_size: int, alpha: float) -> None:
     )
 
 
+def special_ids(model) -> dict[str, int]:
+  """`{'bos_id', 'eos_id', 'pad_id'}` of `model.config`, defaulting to the
+  vocabulary's ids for a model whose config does not name them."""
+  config = getattr(model, 'config', None)
+  defaults = {'bos_id': BOS_ID, 'eos_id': EOS_ID, 'pad_id': PAD_ID}
+  return {name: getattr(config, name, id_) for name, id_ in defaults.items()}
+
+
 def decode_model(
   model,
   variables: Any,
@@ -410,9 +418,11 @@ def decode_model(
   and, for the coverage penalty, a static `attention_weights(state) ->
   [batch, src_len] | None` (the weights of the step that gave `state`). A
   model whose decoder has a fixed-size cache says how many steps fit in a
-  `max_decode_len` attribute.
+  `max_decode_len` attribute. The special ids are those of `model.config`
+  (`pad_id`, `bos_id`, `eos_id`) when it has them, else the vocabulary's.
   """
   check_search(beam_size, alpha)
+  ids = special_ids(model)
   limit = getattr(model, 'max_decode_len', None)
   if limit is not None and max_len > limit:
     raise ValueError(
@@ -440,7 +450,7 @@ def decode_model(
   batch_size = inputs.shape[0]
   if beam_size == 1 and coverage_weight == 0:
     return greedy_search(
-      step_fn, state, batch_size=batch_size, max_len=max_len
+      step_fn, state, batch_size=batch_size, max_len=max_len, **ids
     ).tokens
   attention_fn, source_mask = None, None
   if coverage_weight > 0:
@@ -452,7 +462,7 @@ def decode_model(
       )
     # Padding is never attended; it must not count as uncovered source.
     if source_lengths is None:
-      source_mask = inputs != PAD_ID
+      source_mask = inputs != ids['pad_id']
     else:
       positions = jnp.arange(inputs.shape[1])
       source_mask = positions < jnp.asarray(source_lengths)[:, None]
@@ -467,5 +477,6 @@ def decode_model(
     num_return=1,
     attention_fn=attention_fn,
     source_mask=source_mask,
+    **ids,
   )
   return result.tokens[:, 0]

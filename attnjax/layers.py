@@ -271,7 +271,9 @@ class MultiHeadAttention(nn.Module):
     deterministic: disables dropout (may be given at call time instead).
     decode: self-attention with a key/value cache, one position per call.
       Initialise with the full-length input (it sets the cache size), then
-      call with `[batch, 1, features]` inputs.
+      call with `[batch, 1, features]` inputs, at most that many times: the
+      index is traced, so a call past the cache is not caught (the write is
+      clamped to the last slot) and gives wrong outputs.
     implementation: 'dense' (`attnjax.attention.attention`, records the
       weights), 'chunked' (`chunked_attention`: O(q_len x chunk_size) memory,
       no weights recorded) or 'jax' (`jax.nn.dot_product_attention`, cuDNN on

@@ -382,6 +382,7 @@ def build_model(config: ml_collections.ConfigDict, task) -> nn.Module:
       f'config.model has fields the {architecture} model does not take: '
       f'{unknown}. Known: {", ".join(sorted(known))}.'
     )
+  _check_vocab_fields(fields, task)
   sizes = dict(
     source_vocab_size=task.source_vocab.size,
     target_vocab_size=task.target_vocab.size,
@@ -394,6 +395,30 @@ def build_model(config: ml_collections.ConfigDict, task) -> nn.Module:
     **sizes, max_target_len=task.max_target_len, **fields
   )
   return seq2seq.Seq2Seq(model_config)
+
+
+def _check_vocab_fields(fields: dict[str, Any], task) -> None:
+  """The model's special ids and embedding sharing agree with the task's
+  vocabularies, whose ids the data pipeline writes."""
+  vocab_ids = {
+    'pad_id': vocab_lib.PAD_ID,
+    'bos_id': vocab_lib.BOS_ID,
+    'eos_id': vocab_lib.EOS_ID,
+  }
+  for name, id_ in vocab_ids.items():
+    if fields.get(name, id_) != id_:
+      raise ValueError(
+        f'config.model.{name}={fields[name]} differs from the id the '
+        f"vocabularies give that token ({id_}), so the model's and the "
+        f"data's tokens would not match; remove config.model.{name}."
+      )
+  if fields.get('share_embeddings') and task.source_vocab != task.target_vocab:
+    raise ValueError(
+      'config.model.share_embeddings=True ties one embedding matrix to the '
+      'source and target tokens, but this task has two different '
+      'vocabularies; set config.data.joint_vocab=True (one vocabulary for '
+      'both languages) or config.model.share_embeddings=False.'
+    )
 
 
 def _dummy_batch(task, batch_size: int = 1) -> dict[str, Array]:

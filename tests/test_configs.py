@@ -11,6 +11,7 @@ import pytest
 
 from attnjax import train_lib
 from attnjax.data import parallel
+from attnjax.data import vocab as vocab_lib
 from attnjax.training import optim, sharding
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -88,3 +89,33 @@ def test_translation_configs_refuse_rnn_variants(name):
   module = importlib.import_module(f'configs.{name}')
   with pytest.raises(ValueError, match='only "tiny"'):
     module.get_config('bahdanau')
+
+
+@pytest.mark.parametrize(
+  'field, value, match',
+  [
+    ('eos_id', 7, 'config.model.eos_id=7 differs'),
+    ('pad_id', 3, 'config.model.pad_id=3 differs'),
+    ('share_embeddings', True, 'joint_vocab=True'),
+  ],
+)
+def test_model_fields_that_disagree_with_the_vocabularies(field, value, match):
+  """Separate source and target vocabularies (of one size) cannot share an
+  embedding, and the model's special ids are the vocabularies'."""
+  config = importlib.import_module('configs.multi30k_transformer').get_config(
+    'tiny'
+  )
+  config.model.share_embeddings = False
+  config.model[field] = value
+  task = types.SimpleNamespace(
+    source_vocab=types.SimpleNamespace(size=64, language='de'),
+    target_vocab=types.SimpleNamespace(size=64, language='en'),
+    max_source_len=8,
+    max_target_len=8,
+  )
+  with pytest.raises(ValueError, match=match):
+    train_lib.build_model(config, task)
+  config.model[field] = (
+    False if field == 'share_embeddings' else getattr(vocab_lib, field.upper())
+  )
+  train_lib.build_model(config, task)

@@ -210,6 +210,34 @@ def test_decode_model_greedy_and_beam(variant):
   assert ((beam >= 0) & (beam < model.config.target_vocab_size)).all()
 
 
+def test_decode_model_uses_the_model_special_ids():
+  """A model built with its own pad/bos/eos ids is decoded with them: the
+  first step is fed its BOS, its EOS ends a row and its PAD fills the rest."""
+  pad, bos, eos = 5, 3, 4
+  model = Transformer(_config(pad_id=pad, bos_id=bos, eos_id=eos))
+  inputs, _ = _batch()
+  inputs = jnp.where(inputs == PAD, pad, inputs)
+  first = jnp.full((B, 1), bos, jnp.int32)  # Only position 0 counts.
+  variables = model.init(jax.random.key(0), inputs, first, train=False)
+  search = jit(
+    functools.partial(decoding.decode_model, model, max_len=T),
+    static_argnames='beam_size',
+  )
+  greedy = np.asarray(search(variables, inputs))
+  # Causal: position 0's logits depend only on the model's BOS.
+  logits = model.apply(variables, inputs, first, train=False)
+  np.testing.assert_array_equal(greedy[:, 0], np.argmax(logits[:, 0], -1))
+  # An output bias that always prefers the model's EOS.
+  params = nn.unbox(variables)['params']
+  bias = params['output_proj']['bias']
+  params['output_proj']['bias'] = jnp.zeros_like(bias).at[eos].set(100.0)
+  for beam_size in (1, 2):
+    tokens = search({'params': params}, inputs, beam_size=beam_size)
+    expected = np.full((B, T), pad)
+    expected[:, 0] = eos
+    np.testing.assert_array_equal(tokens, expected)
+
+
 @pytest.mark.parametrize(
   'overrides, match',
   [

@@ -630,7 +630,8 @@ class Transformer(nn.Module):
     previous tokens `[batch]` (no dropout).
 
     At most `max_len` steps fit the cache; `decoding.decode_model` refuses
-    a longer search (see `max_decode_len`).
+    a longer search (see `max_decode_len`). Called directly, a step past
+    the cache is not caught (the index is traced) and gives wrong logits.
     """
     chex.assert_rank(tokens, 1)
     index = state['index']
