@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import tensorflow_datasets as tfds
 
-from attnjax.data import translation
+from attnjax.data import parallel, translation
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 MULTI30K_DIR = SHARED / 'multi30k'
@@ -77,6 +77,13 @@ def test_multi30k_normalises_spaces(tmp_path):
   assert _pairs(builder, 'train', 'de', 'en')[0] == ('Ein Hund.', 'A dog .')
 
 
+def test_thin_spaces_and_invisible_characters_are_normalised():
+  # French typography puts thin spaces before '!' and '?'; fra.txt has them.
+  assert translation.normalize_text('Cours\u2009!') == 'Cours !'
+  assert translation.normalize_text('1\u2007000\u2060 km') == '1 000 km'
+  assert translation.normalize_text('Zusammen\u00adarbeit') == 'Zusammenarbeit'
+
+
 def test_multi30k_env_var(tmp_path, monkeypatch):
   _fake_multi30k(tmp_path / 'root' / 'multi30k')
   monkeypatch.setenv(translation.DATA_DIR_ENV, str(tmp_path / 'root'))
@@ -102,6 +109,45 @@ def test_multi30k_downloads_without_a_folder(tmp_path, monkeypatch):
     'raw/val.de.gz'
   )
   assert sorted(requested) == sorted(translation.MULTI30K_FILES)
+
+
+def test_multi30k_download_failure_names_the_local_option(
+  tmp_path, monkeypatch
+):
+  import requests
+
+  def offline(self, url_or_urls):
+    raise requests.ConnectionError('Failed to resolve raw.githubusercontent')
+
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
+  with pytest.raises(translation.TranslationDataError) as e:
+    _build(translation.Multi30k, tmp_path)
+  msg = str(e.value)
+  assert 'could not download Multi30k' in msg and 'Failed to resolve' in msg
+  assert 'source_dir' in msg and translation.DATA_DIR_ENV in msg
+  for name in translation.MULTI30K_FILES:
+    assert name in msg
+
+
+def test_multi30k_corrupt_download_names_its_url(tmp_path, monkeypatch):
+  # tfds stores downloads under names of its own; the error must give the
+  # file's real address.
+  folder = _fake_multi30k(tmp_path / 'm30k')
+  (folder / 'val.de.gz').write_bytes(b'truncated')
+  cache = tmp_path / 'downloads'
+  cache.mkdir()
+
+  def fake_download(self, url_or_urls):
+    paths = {}
+    for name, url in url_or_urls.items():
+      paths[name] = cache / f'raw.githubusercontent.com_{name}.x7Q9ab'
+      paths[name].write_bytes((folder / url.rsplit('/', 1)[1]).read_bytes())
+    return paths
+
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download', fake_download)
+  with pytest.raises(translation.TranslationDataError) as e:
+    _build(translation.Multi30k, tmp_path)
+  assert str(e.value).endswith(translation.MULTI30K_URL + 'val.de.gz')
 
 
 def test_multi30k_missing_folder(tmp_path):
@@ -333,6 +379,47 @@ def test_anki_env_var_shared_layout(tmp_path, monkeypatch):
   monkeypatch.setenv(translation.DATA_DIR_ENV, str(tmp_path / 'root'))
   builder = _build(translation.Anki, tmp_path, config='cmn-eng')
   assert _anki_all(builder, 'zh') == [('Hi.', '嗨。')]
+
+
+def test_into_english_no_heldout_source_is_a_training_source(tmp_path, caplog):
+  """The split hashes English; fr->en must still hold out only French
+  sentences that training never saw."""
+  caplog.set_level(logging.INFO, logger=parallel.__name__)
+  english = [f'sentence {i}' for i in range(400)]
+  in_train = next(e for e in english if translation.anki_split(e) == 'train')
+  in_test = next(e for e in english if translation.anki_split(e) == 'test')
+  lines = [f'{e}\tphrase {i}' for i, e in enumerate(english)]
+  # One French sentence, two English translations in different splits.
+  lines += [f'{in_train}\tBonjour !', f'{in_test}\tBonjour !']
+  folder = tmp_path / 'anki'
+  _anki_file(folder, lines)
+
+  def task(reverse):
+    data = parallel.TranslationData(
+      task='anki_fra',
+      reverse=reverse,
+      source_dir=str(folder),
+      tfds_dir=str(tmp_path / 'tfds'),
+      vocab_size=40,
+      max_source_len=32,
+      max_target_len=32,
+      buckets=(32,),
+    )
+    return parallel.TranslationTask(data, tmp_path / f'vocab{reverse}')
+
+  def test_sources(task):
+    return task.heldout('test', n=None, batch_size=8).sources
+
+  assert 'Bonjour !' not in test_sources(reverse := task(True))
+  train = {source for source, _ in reverse._train_pairs()}
+  assert 'Bonjour !' in train
+  assert not train & set(test_sources(reverse))
+  assert 'test: 1 of' in caplog.text and 'left out' in caplog.text
+  # English -> French keeps every test pair: English sources never repeat
+  # across splits.
+  forward = task(False)
+  assert in_test in test_sources(forward)
+  assert len(test_sources(forward)) == len(test_sources(reverse)) + 1
 
 
 def test_anki_split_is_stable():

@@ -106,6 +106,7 @@ def test_vocab_training_is_deterministic(task, tfds_dir, tmp_path):
 def test_separate_vocabularies(tfds_dir, tmp_path):
   task = make_task(tfds_dir, tmp_path, joint_vocab=False, vocab_size=200)
   assert sorted(p.name for p in tmp_path.iterdir()) == [
+    'params.json',
     'source.model',
     'target.model',
   ]
@@ -203,6 +204,23 @@ def test_too_long_pairs_are_left_out_with_a_count(tfds_dir, tmp_path, caplog):
   assert f'{600 - len(sources)} left out' in caplog.text
 
 
+def test_reused_vocabularies_must_fit_the_config(tfds_dir, tmp_path, caplog):
+  """A vocabulary is trained once per workdir; a config that asks for
+  another size is refused, other changes are logged, never silent."""
+  make_task(tfds_dir, tmp_path)
+  params = json.loads((tmp_path / 'params.json').read_text())
+  assert params['vocab_size'] == 300
+  assert params['train_split'] == 'train[:600]'
+  with pytest.raises(ValueError, match='has 300 ids') as e:
+    make_task(tfds_dir, tmp_path, vocab_size=350)
+  assert 'vocab_size=300' in str(e.value) and str(tmp_path) in str(e.value)
+  caplog.set_level('WARNING', logger=parallel.__name__)
+  task = make_task(tfds_dir, tmp_path, train_split='train[:500]')
+  assert task.source_vocab.size == 300
+  assert "train_split='train[:600]'" in caplog.text
+  assert "train_split='train[:500]'" in caplog.text
+
+
 def test_batch_larger_than_every_bucket_is_refused(task):
   with pytest.raises(ValueError, match='lower batch_size'):
     task.train_dataset(global_batch_size=10_000)
@@ -221,6 +239,33 @@ def test_long_input_errors_or_truncates(tfds_dir, task, tmp_path, caplog):
   assert 'truncated' in caplog.text
   with pytest.raises(ValueError, match='empty input'):
     task.prepare_source('   ')
+
+
+@pytest.mark.parametrize('text', ['\u200b', '\ufeff \u00a0'])
+def test_input_that_normalises_to_nothing_is_empty(task, text):
+  with pytest.raises(ValueError, match='empty input'):
+    task.prepare_source(text)
+
+
+def test_input_that_is_not_utf8_is_named(task):
+  # What sys.argv holds for the bytes b'Zwei \xff Hunde'.
+  text = b'Zwei \xff Hunde'.decode('utf-8', 'surrogateescape')
+  with pytest.raises(ValueError, match=r'not valid UTF-8 \(character 6\)'):
+    task.prepare_source(text)
+
+
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
+    (dict(global_batch_size=0), '>= 1'),
+    (dict(global_batch_size=8, process_index=2, process_count=2), 'index'),
+    (dict(global_batch_size=8, process_index=-1, process_count=2), 'index'),
+    (dict(global_batch_size=9, process_count=2), 'evenly'),
+  ],
+)
+def test_bad_process_slices_are_refused(task, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    task.train_dataset(**kwargs)
 
 
 def test_heldout_batches_hold_the_split(task):

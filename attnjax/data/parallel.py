@@ -27,6 +27,7 @@ truncated with a warning, as `long_input` says.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -38,9 +39,8 @@ import grain
 import numpy as np
 import sacrebleu
 
-from attnjax.data import tokenizer
+from attnjax.data import pipeline, tokenizer
 from attnjax.data import translation as translation_lib
-from attnjax.data.pipeline import HeldOut
 from attnjax.data.vocab import EOS_ID, PAD_ID
 
 # attnjax task name -> (tfds name, {'validation': split, 'test': split}).
@@ -51,6 +51,8 @@ TASKS = {
 }
 LONG_INPUT = ('error', 'truncate')
 VOCAB_DIR = 'vocab'
+# What the vocabularies were trained with, beside them in VOCAB_DIR.
+_VOCAB_PARAMS = 'params.json'
 _NUM_STEPS = 2**62  # An infinite stream of step indices.
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
 _log = logging.getLogger(__name__)
@@ -275,9 +277,53 @@ class TranslationTask:
     if train:
       self._train_vocabs(paths)
     vocabs = {name: tokenizer.SubwordVocab(p) for name, p in paths.items()}
+    self._check_reused_vocabs(vocabs)
     if self.data.joint_vocab:
       return vocabs['joint'], vocabs['joint']
     return vocabs['source'], vocabs['target']
+
+  def _vocab_params(self) -> dict[str, Any]:
+    """The fields of `config.data` that shape the trained vocabularies."""
+    fields = [
+      'task',
+      'train_split',
+      'vocab_size',
+      'vocab_model_type',
+      'character_coverage',
+    ]
+    if not self.data.joint_vocab:  # Which language is 'source.model'.
+      fields.append('reverse')
+    return {field: getattr(self.data, field) for field in fields}
+
+  def _check_reused_vocabs(self, vocabs: dict[str, Any]) -> None:
+    """Vocabularies already in the workdir are reused as they are: their
+    size must be `vocab_size`, and other differences are logged."""
+    fix = (
+      f'delete {self.vocab_dir} to train new ones (only in a workdir whose '
+      'checkpoints do not use them), or use a new workdir'
+    )
+    for name, vocab in vocabs.items():
+      if vocab.size != self.data.vocab_size:
+        raise ValueError(
+          f'config.data.vocab_size={self.data.vocab_size}, but the {name} '
+          f'vocabulary {vocab.path} already in the workdir has {vocab.size} '
+          f'ids (a vocabulary is trained once, then reused). Set '
+          f'vocab_size={vocab.size}, or {fix}.'
+        )
+    params_file = self.vocab_dir / _VOCAB_PARAMS
+    if not params_file.exists():  # An older workdir: the size check only.
+      return
+    saved = json.loads(params_file.read_text())
+    current = self._vocab_params()
+    if differ := sorted(k for k in current if saved.get(k) != current[k]):
+      _log.warning(
+        'The vocabularies in %s were trained with %s; config.data now has '
+        '%s. They are reused as they are; %s to change them.',
+        self.vocab_dir,
+        ', '.join(f'{k}={saved.get(k)!r}' for k in differ),
+        ', '.join(f'{k}={current[k]!r}' for k in differ),
+        fix,
+      )
 
   def _train_vocabs(self, paths: dict[str, pathlib.Path]) -> None:
     """Trains the missing vocabularies. In a multi-process run process 0
@@ -316,6 +362,8 @@ class TranslationTask:
           model_type=self.data.vocab_model_type,
           character_coverage=self.data.character_coverage,
         )
+      params = json.dumps(self._vocab_params(), indent=2)
+      (self.vocab_dir / _VOCAB_PARAMS).write_text(params + '\n')
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('attnjax vocabularies written')
       if not all(p.exists() for p in paths.values()):
@@ -338,12 +386,24 @@ class TranslationTask:
     """Token ids of a user-given source sentence.
 
     Raises:
-      ValueError: a blank input, or one longer than `max_source_len` tokens
-        when `long_input` is 'error'.
+      ValueError: text that is not UTF-8, a blank input, or one longer than
+        `max_source_len` tokens when `long_input` is 'error'.
     """
-    if not text.strip():
-      raise ValueError('empty input: give a non-blank source sentence.')
-    ids = self.source_vocab.encode(translation_lib.normalize_text(text))
+    try:
+      text.encode('utf-8')
+    except UnicodeEncodeError as e:
+      # A command-line argument with bytes that are not UTF-8 arrives with
+      # them as lone surrogates, which SentencePiece cannot take.
+      raise ValueError(
+        f'input {text[:60]!r} is not valid UTF-8 (character {e.start + 1}); '
+        'pass UTF-8 text.'
+      ) from None
+    normalized = translation_lib.normalize_text(text)
+    if not normalized:
+      raise ValueError(
+        'empty input: give a source sentence with visible characters.'
+      )
+    ids = self.source_vocab.encode(normalized)
     if len(ids) <= self.max_source_len:
       return ids
     if self.data.long_input == 'error':
@@ -417,12 +477,9 @@ class TranslationTask:
     """This process's infinite stream of training batches ('inputs' int32
     `[local, bucket_source_len]`, 'targets' int32 `[local,
     bucket_target_len]`), checkpointable like `pipeline.train_dataset`."""
-    if global_batch_size % process_count:
-      raise ValueError(
-        f'global_batch_size={global_batch_size} does not split evenly over '
-        f'{process_count} processes.'
-      )
-    local = global_batch_size // process_count
+    local = pipeline.local_batch_size(
+      global_batch_size, process_index, process_count
+    )
     plan = _BatchPlan(self, global_batch_size)
     batches = _TrainBatches(plan, process_index * local, local)
     dataset = grain.MapDataset.range(_NUM_STEPS).map(batches)
@@ -430,7 +487,9 @@ class TranslationTask:
 
   # Held-out data.
 
-  def heldout(self, split: str, *, n: int | None, batch_size: int) -> HeldOut:
+  def heldout(
+    self, split: str, *, n: int | None, batch_size: int
+  ) -> pipeline.HeldOut:
     """The first `n` pairs (all when None) of 'validation' or 'test' as
     padded batches of `batch_size` rows; see `HeldOut`.
 
@@ -443,6 +502,8 @@ class TranslationTask:
         f'{", ".join(self.splits)}.'
       )
     pairs = self.pairs(self.splits[split])
+    if self.data.reverse and self.dataset.startswith('anki'):
+      pairs = self._unseen_sources(pairs, split)
     count = len(pairs) if n is None else min(n, len(pairs))
     pairs = pairs[:count]
     sources = [s for s, _ in pairs]
@@ -477,7 +538,29 @@ class TranslationTask:
         targets[row, : len(t)] = t
       valid = np.arange(batch_size) < len(rows)
       batches.append({'inputs': inputs, 'targets': targets, 'valid': valid})
-    return HeldOut(batches, sources, references)
+    return pipeline.HeldOut(batches, sources, references)
+
+  def _unseen_sources(
+    self, pairs: Sequence[tuple[str, str]], split: str
+  ) -> list[tuple[str, str]]:
+    """`pairs` less those whose source is also a training source.
+
+    Anki's splits keep each English sentence in one split; translating into
+    English, a held-out source may still be a training source with another
+    English translation. Those pairs are left out, with a logged count.
+    """
+    seen = {source for source, _ in self._train_pairs()}
+    kept = [pair for pair in pairs if pair[0] not in seen]
+    _log.info(
+      '%s %s: %d of %d pairs left out, their source being a training source '
+      '(%s).',
+      self.name,
+      split,
+      len(pairs) - len(kept),
+      len(pairs),
+      self.data.train_split,
+    )
+    return kept
 
 
 def _bucket_len(length: int, buckets: Sequence[int], cap: int) -> int:

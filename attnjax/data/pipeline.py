@@ -77,6 +77,33 @@ class _TrainBatch:
     return encode_batch(self.task, examples)
 
 
+def local_batch_size(
+  global_batch_size: int, process_index: int, process_count: int
+) -> int:
+  """Rows of each global batch that process `process_index` reads.
+
+  Raises:
+    ValueError: a batch size below 1, a process index outside
+      `[0, process_count)`, or a batch that does not split evenly.
+  """
+  if global_batch_size < 1:
+    raise ValueError(
+      f'global_batch_size must be >= 1, got {global_batch_size}.'
+    )
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+      f'need 0 <= process_index < process_count, got process_index='
+      f'{process_index}, process_count={process_count}.'
+    )
+  if global_batch_size % process_count:
+    raise ValueError(
+      f'global_batch_size={global_batch_size} does not split evenly over '
+      f'process_count={process_count} processes; pass a multiple of '
+      f'{process_count}.'
+    )
+  return global_batch_size // process_count
+
+
 def train_dataset(
   task: Task,
   *,
@@ -108,22 +135,7 @@ def train_dataset(
     ValueError: the batch does not split evenly over processes, or a bad
       process index.
   """
-  if global_batch_size < 1:
-    raise ValueError(
-      f'global_batch_size must be >= 1, got {global_batch_size}.'
-    )
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(
-      f'need 0 <= process_index < process_count, got process_index='
-      f'{process_index}, process_count={process_count}.'
-    )
-  if global_batch_size % process_count:
-    raise ValueError(
-      f'global_batch_size={global_batch_size} does not split evenly over '
-      f'process_count={process_count} processes; pass a multiple of '
-      f'{process_count}.'
-    )
-  local = global_batch_size // process_count
+  local = local_batch_size(global_batch_size, process_index, process_count)
   make_batch = _TrainBatch(
     task, global_batch_size, seed, process_index * local, local
   )

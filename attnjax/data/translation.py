@@ -15,14 +15,17 @@ the Grain pipeline wants.
   each pair goes to train / validation / test by a hash of its normalised
   English sentence (90 / 5 / 5 percent of the English sentences). Hashing
   the English side, not the pair, keeps all translations of one English
-  sentence in the same split, so no test source is seen in training. Local
+  sentence in the same split, so no test source is seen in training (into
+  English, `parallel.TranslationTask` leaves out the held-out pairs whose
+  source is a training source). Local
   file: `source_dir/{fra,cmn}.txt` or under `$ATTNJAX_DATA_DIR` with the
   layout of `../shared/data` (`anki_fra_eng/fra.txt`,
   `anki_cmn_eng/attrib_version/cmn.txt`). ManyThings.org refuses scripted
   downloads, so nothing is downloaded.
 
-Text is normalised the same way everywhere: a UTF-8 BOM and zero-width
-characters (U+200B, U+FEFF) are removed, no-break spaces (U+00A0, U+202F)
+Text is normalised the same way everywhere: a UTF-8 BOM, zero-width
+spaces, word joiners and soft hyphens (U+FEFF, U+200B, U+2060, U+00AD) are
+removed, no-break, thin and figure spaces (U+00A0, U+202F, U+2009, U+2007)
 become plain spaces and the ends are stripped.
 
 Bad input raises `TranslationDataError`, naming the file and the fix. Lines
@@ -67,7 +70,12 @@ ANKI_URL = 'https://www.manythings.org/anki/'
 OnBad = Literal['error', 'skip']
 
 _SPACES = str.maketrans(
-  {'\u00a0': ' ', '\u202f': ' ', '\u200b': None, '\ufeff': None}
+  {
+    # No-break, narrow no-break, thin and figure spaces: a plain space.
+    **dict.fromkeys('\u00a0\u202f\u2009\u2007', ' '),
+    # Zero-width space, BOM, word joiner and soft hyphen: nothing.
+    **dict.fromkeys('\u200b\ufeff\u2060\u00ad'),
+  }
 )
 _log = logging.getLogger(__name__)
 
@@ -77,7 +85,8 @@ class TranslationDataError(ValueError):
 
 
 def normalize_text(text: str) -> str:
-  """Removes BOM / zero-width spaces, maps no-break spaces to ' ', strips."""
+  """Removes invisible characters, maps special spaces to ' ', strips (see
+  the module docstring)."""
   return text.translate(_SPACES).strip()
 
 
@@ -114,14 +123,15 @@ def _decode_lines(
   return out
 
 
-def _read_gzip(path: str) -> bytes:
+def _read_gzip(path: str, name: str) -> bytes:
+  """The contents of the gzipped file `path`, Multi30k's file `name`."""
   try:
     with open(path, 'rb') as f:
       return gzip.decompress(f.read())
   except (gzip.BadGzipFile, EOFError, zlib.error) as e:
     raise TranslationDataError(
       f'{path} is not a valid gzip file ({e}). Delete it and download it '
-      f'again from {MULTI30K_URL}{os.path.basename(path)}'
+      f'again from {MULTI30K_URL}{name}'
     ) from None
 
 
@@ -144,8 +154,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class Multi30k(_Builder):
   """Multi30k German-English (WMT16 multimodal task 1), in file order."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+    '1.0.0': 'Initial release.',
+    '1.1.0': 'Thin and figure spaces, word joiners, soft hyphens normalised.',
+  }
 
   def __init__(
     self,
@@ -178,20 +191,18 @@ class Multi30k(_Builder):
     if self.source_dir:
       paths = _local_multi30k_files(self.source_dir)
     else:
-      paths = dl_manager.download(
-        {name: MULTI30K_URL + name for name in MULTI30K_FILES}
-      )
-      paths = {name: os.fspath(p) for name, p in paths.items()}
+      paths = _download_multi30k(dl_manager)
     return {
-      split: self._generate_examples(
-        paths[f'{stem}.de.gz'], paths[f'{stem}.en.gz']
-      )
+      split: self._generate_examples(stem, paths)
       for split, stem in MULTI30K_SPLITS.items()
     }
 
-  def _generate_examples(self, de_path: str, en_path: str):
-    de_lines = _split_lines(_read_gzip(de_path))
-    en_lines = _split_lines(_read_gzip(en_path))
+  def _generate_examples(self, stem: str, paths: dict[str, str]):
+    """The pairs of `{stem}.de.gz` / `{stem}.en.gz` (at `paths[name]`)."""
+    de_name, en_name = f'{stem}.de.gz', f'{stem}.en.gz'
+    de_path, en_path = paths[de_name], paths[en_name]
+    de_lines = _split_lines(_read_gzip(de_path, de_name))
+    en_lines = _split_lines(_read_gzip(en_path, en_name))
     if len(de_lines) != len(en_lines):
       raise TranslationDataError(
         f'{de_path} has {len(de_lines)} lines but {en_path} has '
@@ -214,6 +225,22 @@ class Multi30k(_Builder):
         de_path,
         en_path,
       )
+
+
+def _download_multi30k(dl_manager) -> dict[str, str]:
+  """Downloads the six files; a failure names them and the local option."""
+  try:
+    paths = dl_manager.download(
+      {name: MULTI30K_URL + name for name in MULTI30K_FILES}
+    )
+  except OSError as e:  # requests' errors are OSErrors too.
+    raise TranslationDataError(
+      f'could not download Multi30k from {MULTI30K_URL} ({e}). Without '
+      f'network access, put {", ".join(MULTI30K_FILES)} in a folder and '
+      f'pass it as config.data.source_dir, or set ${DATA_DIR_ENV} to a '
+      'folder holding them under multi30k/.'
+    ) from e
+  return {name: os.fspath(p) for name, p in paths.items()}
 
 
 def _local_multi30k_files(folder: str) -> dict[str, str]:
@@ -250,8 +277,11 @@ class AnkiConfig(tfds.core.BuilderConfig):
 class Anki(_Builder):
   """Tatoeba / ManyThings.org sentence pairs with a hash-based split."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+    '1.0.0': 'Initial release.',
+    '1.1.0': 'Thin and figure spaces, word joiners, soft hyphens normalised.',
+  }
   BUILDER_CONFIGS = [
     AnkiConfig(
       name='fra-eng',
