@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     '--num_examples',
     type=int,
     default=None,
-    help="default: the config's data.heldout_size",
+    help="default: the config's data.heldout_size without --split (the "
+    'set scored during training), the whole split with it',
   )
   evaluate.add_argument(
     '--show', type=int, default=5, help='example predictions to print'
@@ -211,16 +212,17 @@ def _evaluate(exp, params, args: argparse.Namespace, search) -> None:
 
   if args.num_examples is not None and args.num_examples < 1:
     raise ValueError('--num_examples must be >= 1.')
-  split = args.split or _default_split(exp.task)
+  # Without --split, the set scored during training.
   result = train_lib.evaluate(
     exp,
     params,
-    split=split,
+    split=args.split,
     num_examples=args.num_examples,
     show=args.show,
     **search,
   )
   examples = result.pop('examples', [])
+  split = args.split or _default_split(exp.task)
   print(json.dumps({'split': split, **result}, indent=2))
   exact = 'exact_match' in exp.task.SCORES
   for source, reference, predicted in examples:

@@ -108,6 +108,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   need(0 <= opt.b2 < 1, 'optimizer.b2', 'in [0, 1)')
   need(opt.eps > 0, 'optimizer.eps', '> 0')
   need(opt.weight_decay >= 0, 'optimizer.weight_decay', '>= 0')
+  need(
+    opt.weight_decay == 0 or opt.name == 'adamw',
+    'optimizer.weight_decay',
+    "0 with optimizer.name='adam' (set optimizer.name='adamw' for weight "
+    'decay)',
+  )
   need(config.data.heldout_size >= 1, 'data.heldout_size', '>= 1')
   need(config.data.seed >= 0, 'data.seed', '>= 0')
   _check_known_fields(config)
@@ -464,15 +470,24 @@ def token_metrics(
   label_smoothing: float = 0.0,
   valid: Array | None = None,
 ) -> dict[str, Array]:
-  """Sums over the batch; divide by `tokens` / `sequences` for means."""
+  """Sums over the batch; divide by `tokens` / `sequences` for means.
+
+  'loss_sum' is the objective, smoothed by `label_smoothing`; 'nll_sum' is
+  the plain negative log-likelihood, which perplexity is made of.
+  """
   mask = targets != pad_id
   if valid is not None:
     mask = mask & valid[:, None]
-  loss = smoothed_cross_entropy(logits, targets, label_smoothing)
+  nll = smoothed_cross_entropy(logits, targets)
+  if label_smoothing:
+    loss = smoothed_cross_entropy(logits, targets, label_smoothing)
+  else:
+    loss = nll
   right = (jnp.argmax(logits, -1) == targets) | ~mask
   rows = jnp.ones(targets.shape[0], bool) if valid is None else valid
   return {
     'loss_sum': jnp.sum(loss * mask),
+    'nll_sum': jnp.sum(nll * mask),
     'tokens': jnp.sum(mask).astype(jnp.float32),
     'correct_tokens': jnp.sum(right & mask).astype(jnp.float32),
     'sequences': jnp.sum(rows).astype(jnp.float32),
@@ -483,9 +498,10 @@ def token_metrics(
 def summarize(sums: dict[str, float]) -> dict[str, float]:
   tokens, sequences = max(sums['tokens'], 1.0), max(sums['sequences'], 1.0)
   loss = sums['loss_sum'] / tokens
+  nll = sums['nll_sum'] / tokens
   return {
     'loss': loss,
-    'perplexity': math.exp(min(loss, 50.0)),
+    'perplexity': math.exp(min(nll, 50.0)),
     'token_accuracy': sums['correct_tokens'] / tokens,
     'teacher_forced_exact_match': sums['correct_sequences'] / sequences,
   }
@@ -761,17 +777,20 @@ def restore_or_init(exp: Experiment, workdir, mngr, data_iterator=None):
       data_iterator,
     )
     return state, step
+  if exp.config.get('init_from'):
+    # Checked before the init below compiles anything.
+    source = pathlib.Path(exp.config.init_from)
+    abstract_params = exp.unboxed_abstract_state().params
+    checkpoints.check_param_shapes(source, abstract_params)
+    check_vocab_digests(
+      exp,
+      checkpoints.manager(source, read_only=True),
+      fix=f'Embeddings only fit the vocabulary they were trained with: '
+      f'copy {source / parallel.VOCAB_DIR} into {workdir} before the '
+      'first run.',
+    )
   state = exp.init_state(jax.random.key(exp.config.seed))
   if exp.config.get('init_from'):
-    source = pathlib.Path(exp.config.init_from)
-    if (source / checkpoints.CHECKPOINT_DIR).is_dir():
-      check_vocab_digests(
-        exp,
-        checkpoints.manager(source, read_only=True),
-        fix=f'Embeddings only fit the vocabulary they were trained with: '
-        f'copy {source / parallel.VOCAB_DIR} into {workdir} before the '
-        'first run.',
-      )
     params = checkpoints.restore_params(
       exp.config.init_from,
       exp.unboxed_abstract_state().params,
@@ -799,6 +818,8 @@ def train_and_evaluate(
     check_vocab_digests(exp, mngr)
     state, start = restore_or_init(exp, workdir, mngr, data_iterator)
   except ValueError as e:
+    if mngr.latest_step() is None:  # Not a resume: init_from's errors.
+      raise
     changed = _changed_fields(config, workdir)
     raise ValueError(
       f'{e} Config fields changed since that checkpoint: '
@@ -838,6 +859,8 @@ def train_and_evaluate(
       if step % config.checkpoint_every_steps == 0 or last:
         log.add(*pending)  # never checkpoint a state with a NaN loss
         pending = None
+        # A run resumed from here starts a new window: so does this one.
+        log.write(step)
         checkpoints.save(
           mngr, step, state, data_iterator, meta=exp.vocab_digests()
         )

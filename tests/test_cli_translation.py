@@ -77,6 +77,18 @@ def test_evaluate_test_split_prints_bleu(workdir, capsys):
   assert len(out[end:].strip().splitlines()) == 2  # the examples shown
 
 
+def test_evaluate_defaults_to_the_set_scored_in_training(workdir, capsys):
+  code, out, err = _run(capsys, 'evaluate', '--workdir', workdir)
+  assert code == 0, err
+  report, _ = json.JSONDecoder().raw_decode(out)
+  assert report['split'] == 'validation'
+  config = json.loads((pathlib.Path(workdir) / 'config.json').read_text())
+  assert report['num_examples'] == config['data']['heldout_size'] == 16
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  *_, last = (json.loads(line) for line in lines if '"heldout"' in line)
+  assert report['bleu'] == pytest.approx(last['bleu'], abs=1e-6)
+
+
 def test_evaluate_unknown_split_errors(workdir, capsys):
   argv = ['evaluate', '--workdir', workdir, '--split', 'nope']
   code, out, err = _run(capsys, *argv)

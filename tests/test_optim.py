@@ -87,3 +87,22 @@ def test_smoothed_cross_entropy_matches_optax_labels(smoothing):
   expected = optax.softmax_cross_entropy(logits, labels)
   got = train_lib.smoothed_cross_entropy(logits, targets, smoothing)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_perplexity_ignores_label_smoothing():
+  """The logged loss is the smoothed objective; perplexity is exp of the
+  plain negative log-likelihood, the same with or without smoothing."""
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(2, 4, 9)) * 3, jnp.float32)
+  targets = jnp.asarray(rng.integers(1, 9, size=(2, 4))).at[1, 3].set(0)
+  mask = np.asarray(targets) != 0
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  expected = np.exp(np.sum(np.asarray(nll) * mask) / mask.sum())
+  results = {}
+  for smoothing in (0.0, 0.2):
+    sums = train_lib.token_metrics(logits, targets, 0, smoothing)
+    results[smoothing] = train_lib.summarize(jax.device_get(sums))
+    np.testing.assert_allclose(
+      results[smoothing]['perplexity'], expected, rtol=1e-5
+    )
+  assert results[0.2]['loss'] > results[0.0]['loss']

@@ -4,8 +4,10 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -138,6 +140,73 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     final_params(tmp_path / 'straight'),
     atol=1e-6,
   )
+
+
+def test_resumed_logs_equal_the_uninterrupted_ones(tmp_path):
+  """Killed after step 10 (its last checkpoint step 8), with log windows
+  that straddle checkpoints: the resumed run logs what the other did."""
+  config = tiny_config(
+    num_train_steps=12,
+    checkpoint_every_steps=4,
+    log_every_steps=5,
+    eval_every_steps=100,
+  )
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  train_lib.train_and_evaluate(config, str(straight))
+  shutil.copytree(straight, killed)
+  shutil.rmtree(killed / 'checkpoints' / '12')
+  train_lib.train_and_evaluate(config, str(killed))
+
+  def train_lines(workdir):
+    lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+    return [
+      (row['step'], row['loss'], row['token_accuracy'])
+      for row in map(json.loads, lines)
+      if row['split'] == 'train'
+    ]
+
+  assert [step for step, *_ in train_lines(straight)] == [4, 5, 8, 10, 12]
+  np.testing.assert_allclose(
+    train_lines(killed), train_lines(straight), rtol=1e-6
+  )
+
+
+def _events(path: pathlib.Path):
+  """The records of a TensorBoard event file (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2
+
+  data, pos = path.read_bytes(), 0
+  while pos < len(data):
+    (size,) = struct.unpack('<Q', data[pos : pos + 8])
+    yield event_pb2.Event.FromString(data[pos + 12 : pos + 12 + size])
+    pos += 12 + size + 4
+
+
+def test_resumed_metrics_replace_the_killed_runs(tmp_path):
+  """A run killed after logging step 12 resumes from its step-8 checkpoint:
+  metrics.jsonl drops steps 9-12 and TensorBoard is told to hide them."""
+  from tensorboardX.proto import event_pb2
+
+  from attnjax.training import metrics
+
+  killed = metrics.MetricsWriter(tmp_path)
+  for step in range(1, 13):
+    killed.write(step, 'train', {'loss': 1.0})
+  killed.close()
+  time.sleep(1.1)  # Event files are named by the second.
+  resumed = metrics.MetricsWriter(tmp_path, resume_step=8)
+  for step in range(9, 17):
+    resumed.write(step, 'train', {'loss': 2.0})
+  resumed.close()
+  text = (tmp_path / 'metrics.jsonl').read_text()
+  lines = [json.loads(line) for line in text.splitlines()]
+  assert [x['step'] for x in lines] == list(range(1, 17))
+  assert [x['loss'] for x in lines] == [1.0] * 8 + [2.0] * 8
+  first, second = sorted((tmp_path / 'tensorboard' / 'train').iterdir())
+  assert not any(e.HasField('session_log') for e in _events(first))
+  (purge,) = [e for e in _events(second) if e.HasField('session_log')]
+  assert purge.session_log.status == event_pb2.SessionLog.START
+  assert purge.step == 9  # TensorBoard drops older events from step 9 on.
 
 
 def _train_command(workdir, *flags):
@@ -388,6 +457,7 @@ def test_unknown_config_field_suggests_close_match(tmp_path):
     ({'mesh.num_devices': 9}, 'num_devices=9'),
     ({'data.largest': 0}, 'largest'),
     ({'model.cell': 'lstmm'}, 'cell'),
+    ({'optimizer.weight_decay': 0.1}, "optimizer.name='adamw'"),
   ],
 )
 def test_bad_config_values(tmp_path, overrides, message):
@@ -439,6 +509,30 @@ def test_init_from_without_checkpoint_is_an_error(tmp_path):
   config = tiny_config(init_from=str(tmp_path / 'empty'))
   with pytest.raises(FileNotFoundError, match='holds no checkpoint'):
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_init_from_another_model_names_the_parameters(trained, tmp_path):
+  source, _ = trained
+  config = tiny_config(init_from=str(source), **{'model.hidden_dim': 32})
+  with pytest.raises(ValueError, match='do not fit this model') as e:
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  message = str(e.value)
+  assert re.search(r'\(16,?\) in the checkpoint, \(32,?\) here', message)
+  assert 'Config fields changed' not in message  # That is about resuming.
+  assert checkpoints.latest_step(tmp_path / 'run') is None
+
+
+def test_damaged_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
+  source, _ = trained
+  workdir = tmp_path / 'copy'
+  shutil.copytree(source, workdir)
+  step = checkpoints.latest_step(workdir)
+  shutil.rmtree(workdir / 'checkpoints' / str(step) / 'state')
+  with pytest.raises(ValueError, match='damaged or incomplete'):
+    train_lib.load_trained(workdir)
+  argv = ['decode', '--workdir', str(workdir), '--input', '1+2']
+  assert cli.main(argv) == 2
+  assert 'damaged or incomplete' in capsys.readouterr().err
 
 
 def test_unknown_field_set_from_python_is_refused(tmp_path):

@@ -138,8 +138,9 @@ def restore(
   return restored['state']
 
 
-def restore_params(workdir: str | pathlib.Path, abstract_params, shardings):
-  """Parameters only, from the latest checkpoint in `workdir` (fine-tuning)."""
+def _latest_or_raise(
+  workdir: str | pathlib.Path,
+) -> tuple[ocp.CheckpointManager, int]:
   mngr = manager(workdir, read_only=True)
   step = mngr.latest_step()
   if step is None:
@@ -147,16 +148,71 @@ def restore_params(workdir: str | pathlib.Path, abstract_params, shardings):
       f'{workdir!s} holds no checkpoint (looked in {mngr.directory}). '
       "Point init_from (or --workdir) at a trained run's workdir."
     )
-  target = {'params': _abstract(abstract_params, shardings)}
-  restored = mngr.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-        item=target,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True,
-      )
-    ),
+  return mngr, step
+
+
+def _damaged(mngr: ocp.CheckpointManager, step: int, e: Exception):
+  return ValueError(
+    f'could not read the parameters of checkpoint step {step} in '
+    f'{mngr.directory} ({type(e).__name__}: {str(e)[:300]}). The '
+    'checkpoint is damaged or incomplete: delete that step to use an '
+    'earlier one, or retrain.'
   )
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {
+    jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def check_param_shapes(workdir: str | pathlib.Path, abstract_params) -> None:
+  """Refuses, before anything is compiled or read, a checkpoint whose
+  parameters differ in name or shape from `abstract_params` (from its
+  metadata only)."""
+  mngr, step = _latest_or_raise(workdir)
+  path = pathlib.Path(mngr.directory) / str(step) / 'state'
+  try:
+    saved_tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
+    saved = _shapes(saved_tree['params'])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise _damaged(mngr, step, e) from e
+  wanted = _shapes(abstract_params)
+  differ = [
+    f'{name}: {saved.get(name, "absent")} in the checkpoint, '
+    f'{wanted.get(name, "absent")} here'
+    for name in sorted(set(saved) | set(wanted))
+    if saved.get(name) != wanted.get(name)
+  ]
+  if differ:
+    more = f' (and {len(differ) - 5} more)' if len(differ) > 5 else ''
+    raise ValueError(
+      f'the parameters of {workdir!s} (step {step}) do not fit this model: '
+      f'{"; ".join(differ[:5])}{more}. Build the same model (its config is '
+      f'{pathlib.Path(workdir) / "config.json"}), changing only fields that '
+      'keep parameter shapes.'
+    )
+
+
+def restore_params(workdir: str | pathlib.Path, abstract_params, shardings):
+  """Parameters only, from the latest checkpoint in `workdir` (fine-tuning,
+  decoding)."""
+  check_param_shapes(workdir, abstract_params)
+  mngr, step = _latest_or_raise(workdir)
+  target = {'params': _abstract(abstract_params, shardings)}
+  try:
+    restored = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+        )
+      ),
+    )
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise _damaged(mngr, step, e) from e
   logging.info('Initialised parameters from %s step %d.', workdir, step)
   return restored['state']['params']

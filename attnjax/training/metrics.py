@@ -26,6 +26,8 @@ class MetricsWriter:
     self._active = jax.process_index() == 0
     self._tb = {}
     self._jsonl = self._workdir / 'metrics.jsonl'
+    # TensorBoard hides the earlier run's events after the resumed step.
+    self._purge_step = resume_step + 1 if resume_step else None
     if self._active:
       self._drop_entries_after(resume_step)
 
@@ -53,7 +55,10 @@ class MetricsWriter:
     if writer is None:
       from tensorboardX import SummaryWriter
 
-      writer = SummaryWriter(str(self._workdir / 'tensorboard' / split))
+      writer = SummaryWriter(
+        str(self._workdir / 'tensorboard' / split),
+        purge_step=self._purge_step,
+      )
       self._tb[split] = writer
     for name, value in scalars.items():
       writer.add_scalar(name, value, step)
