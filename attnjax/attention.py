@@ -353,6 +353,7 @@ def _chunked_bwd(plan, residuals, d_out):
       k_chunk,
       consts,
     )
+    score_shape = logits.shape
     chunk_mask = plan.chunk_mask(mask, start, size)
     if chunk_mask is not None:
       logits = jnp.where(chunk_mask, logits, -jnp.inf)
@@ -362,7 +363,8 @@ def _chunked_bwd(plan, residuals, d_out):
       '...qd,...kd->...qk', d_out, v_chunk.astype(jnp.float32)
     )
     d_logits = probs * (d_probs - delta[..., None])
-    d_q_chunk, d_k, d_consts = pullback(d_logits)
+    # The mask and v may carry batch dims the scores lack.
+    d_q_chunk, d_k, d_consts = pullback(_sum_to_shape(d_logits, score_shape))
     d_q = d_q + d_q_chunk.astype(jnp.float32)
     if last:
       d_rem = jax.tree.map(jnp.add, d_rem, d_consts)
@@ -500,7 +502,10 @@ def predict_positions(
   _checks.assert_min_rank(h, 2, 'predict_positions: h', '[..., q_len, depth]')
   chex.assert_shape(w_p, (h.shape[-1], v_p.shape[-1]))
   last = (jnp.asarray(source_lengths) - 1).astype(jnp.float32)[..., None]
-  return last * jax.nn.sigmoid(jnp.tanh(h @ w_p) @ v_p).astype(jnp.float32)
+  # In float32: a 16-bit sigmoid resolves S / 2^8 positions, too coarse
+  # against the window's sigma for long sources.
+  h, w_p, v_p = (x.astype(jnp.float32) for x in (h, w_p, v_p))
+  return last * jax.nn.sigmoid(jnp.tanh(h @ w_p) @ v_p)
 
 
 def local_attention(
@@ -718,6 +723,7 @@ def monotonic_weights(
     mask = jnp.ones(p.shape, bool)
   if init is None:
     init = initial_alignment(p.shape[:-2] + p.shape[-1:])
+  init = jnp.broadcast_to(init.astype(jnp.float32), p.shape[:-2] + p.shape[-1:])
 
   def step(prev, p_t, mask_t):
     if hard:
@@ -803,6 +809,8 @@ def location_aware_attention(
   mask = jnp.broadcast_to(mask, row_shape)
   if init is None:
     init = uniform_alignment(mask[..., 0, :])
+  # The scan's carry is the float32 weights of the previous step.
+  init = jnp.broadcast_to(init.astype(jnp.float32), (*batch, k_len))
 
   def step(prev, q_t, mask_t):
     logits = score_fn(q_t[..., None, :], k, prev[..., None, :])

@@ -62,6 +62,11 @@ def _score_param_specs(
   if name == 'additive':
     return {**additive, **(bias if use_bias else {})}
   if name == 'normed_additive':
+    if not use_bias:
+      raise ValueError(
+        'the "normed_additive" score always has its bias b (Raffel et al.); '
+        "use_bias=False applies to 'additive' only."
+      )
     # Raffel et al. initialise g to 1 / sqrt(hidden).
     g = nn.initializers.constant(hidden**-0.5)
     return {**additive, **bias, 'g': _ParamSpec((), (), g)}
@@ -375,13 +380,18 @@ class MultiHeadAttention(nn.Module):
     key = project(name='key')(inputs_kv)
     value = project(name='value')(inputs_kv)
 
+    chunk_causal = False
     if self.decode:
       key, value, mask = self._update_cache(query, key, value, mask)
+    elif causal and self.implementation == 'chunked':
+      chunk_causal = True  # Built per chunk, never [q_len, k_len] whole.
     elif causal:
       causal_mask = masks.causal_mask(query.shape[-3], key.shape[-3])
       mask = masks.combine(mask, causal_mask)
 
-    context = self._attend(query, key, value, mask, deterministic)
+    context = self._attend(
+      query, key, value, mask, deterministic, causal=chunk_causal
+    )
     return nn.DenseGeneral(
       features=self.out_features or inputs_q.shape[-1],
       axis=(-2, -1),
@@ -430,8 +440,9 @@ class MultiHeadAttention(nn.Module):
     written = (jnp.arange(max_len) <= position)[None, :]  # [q_len=1, k_len]
     return key, value, masks.combine(mask, written)
 
-  def _attend(self, query, key, value, mask, deterministic):
-    """Attention on `[batch..., length, heads, depth]` inputs."""
+  def _attend(self, query, key, value, mask, deterministic, causal=False):
+    """Attention on `[batch..., length, heads, depth]` inputs; `causal`
+    only for the chunked implementation (the others get it in `mask`)."""
     dropout = self.dropout_rate > 0 and not deterministic
     if self.implementation == 'jax':
       if dropout:
@@ -465,7 +476,7 @@ class MultiHeadAttention(nn.Module):
           "dropout_rate=0 or use implementation='dense'."
         )
       context = attn_lib.chunked_attention(
-        q, k, v, score_fn, mask, chunk_size=self.chunk_size
+        q, k, v, score_fn, mask, chunk_size=self.chunk_size, causal=causal
       )
     else:
       logits = score_fn(q, k)
@@ -514,6 +525,11 @@ class LocalAttention(ScoredAttention):
     if self.window < 0:
       raise ValueError(
         f'LocalAttention: window must be >= 0; got {self.window}'
+      )
+    if self.predictive and positions is not None:
+      raise ValueError(
+        'LocalAttention(predictive=True) predicts its positions; passing '
+        'positions= is for local-m (predictive=False).'
       )
     values = keys if values is None else values
     score_fn = self.score_fn(query.shape[-1], keys.shape[-1])

@@ -153,9 +153,13 @@ def cosine(q: Array, k: Array) -> Array:
   _check_same_depth(q, k, 'cosine')
 
   def normalise(x):
-    # Clamping before the rsqrt keeps the value and the gradient finite at 0.
-    sum_sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sum_sq, _EPS**2))
+    # Clamping the norm keeps the value and the gradient (about 1 / floor at
+    # 0) finite. Computed in float32, as the clamp underflows in float16,
+    # whose small range also needs a larger floor (1 / sqrt(65504)).
+    floor = max(_EPS, float(jnp.finfo(x.dtype).max) ** -0.5)
+    x32 = x.astype(jnp.float32)
+    sum_sq = jnp.sum(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(jnp.maximum(sum_sq, floor**2))).astype(x.dtype)
 
   return jnp.einsum('...qd,...kd->...qk', normalise(q), normalise(k))
 

@@ -453,15 +453,26 @@ def test_chunked_matches_dense(name, config):
       np.testing.assert_array_equal(grads[3]['prev'][0, 1], 0.0)
 
 
-def test_chunked_broadcast_leading_dims():
-  """Heads broadcast against shared keys and batch-free values."""
+@pytest.mark.parametrize(
+  'q_batch, k_batch, v_batch, mask_batch, lengths',
+  [
+    # Heads broadcast against shared keys and batch-free values.
+    ((B, 3), (B, 1), (), (B, 1), [TK, 5]),
+    # Values carry a batch the scores (and so the mask) lack.
+    ((), (), (B,), (), [5]),
+  ],
+)
+def test_chunked_broadcast_leading_dims(
+  q_batch, k_batch, v_batch, mask_batch, lengths
+):
   rng = np.random.default_rng(9)
-  q = _normal(rng, B, 3, TQ, QD)
-  k = _normal(rng, B, 1, TK, KD)
-  v = _normal(rng, TK, VD)
-  mask = _padding_mask([TK, 5])[:, None]
+  q = _normal(rng, *q_batch, TQ, QD)
+  k = _normal(rng, *k_batch, TK, KD)
+  v = _normal(rng, *v_batch, TK, VD)
+  mask = _padding_mask(lengths).reshape(*mask_batch, 1, TK)
   params, bind = _score_setup('additive', rng)
-  cotangent = _normal(rng, B, 3, TQ, VD)
+  out_batch = np.broadcast_shapes(q_batch, k_batch, v_batch, mask_batch)
+  cotangent = _normal(rng, *out_batch, TQ, VD)
 
   def chunked(q, k, v, score_fn):
     return attention.chunked_attention(q, k, v, score_fn, mask, chunk_size=4)
@@ -1097,6 +1108,19 @@ def test_monotonic_weights_soft_matches_numpy_and_masks():
   assert np.all(got[1, :, 5:] == 0)
   recursive = _monotonic_weights(p, valid[:, None], init=init, mode='recursive')
   np.testing.assert_allclose(got, recursive, atol=1e-6)
+
+
+def test_monotonic_weights_take_a_16_bit_initial_alignment():
+  rng = np.random.default_rng(40)
+  p = rng.uniform(size=(B, 4, 8)).astype(np.float32)
+  init = _random_alignment(rng, B, 8)
+  half = jnp.asarray(init, jnp.bfloat16)
+  got = attention.monotonic_weights(jnp.asarray(p), init=half)
+  expected = attention.monotonic_weights(
+    jnp.asarray(p), init=jnp.asarray(half, jnp.float32)
+  )
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_choose_probabilities_noise_only_with_rng():

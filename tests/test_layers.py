@@ -5,6 +5,7 @@ import functools
 import chex
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,6 +96,33 @@ class TestMultiHeadAttention:
       {'params': params}, x, mask=mask, causal=True
     )
     np.testing.assert_allclose(chunked, dense, atol=1e-5)
+
+  def test_chunked_causal_never_builds_the_whole_mask(self):
+    """O(q_len x chunk) memory holds for causal self-attention too: no
+    `[..., T, T]` array appears in the computation, forward or backward."""
+    length, chunk = 64, 8
+    x = jnp.ones((2, length, D))
+    model = layers.MultiHeadAttention(
+      num_heads=HEADS, implementation='chunked', chunk_size=chunk
+    )
+    params = model.init(jax.random.key(1), x)['params']
+    mask = _padding_mask(jnp.array([length, 40]), length)
+
+    def loss(params):
+      out = model.apply({'params': params}, x, mask=mask, causal=True)
+      return jnp.sum(out)
+
+    shapes = set()
+
+    def collect(jaxpr):
+      for eqn in jaxpr.eqns:
+        shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          collect(sub)
+
+    collect(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert not [s for s in shapes if s[-2:] == (length, length)]
+    assert [s for s in shapes if s[-2:] == (length, chunk)]
 
   def test_jax_path_equals_dense(self):
     x = _inputs()
@@ -277,6 +305,15 @@ class TestAttention:
     np.testing.assert_allclose(context, ref_context, atol=1e-6)
     np.testing.assert_allclose(weights, ref_weights, atol=1e-6)
 
+  def test_use_bias_false_drops_the_bias_or_is_refused(self):
+    q, k = _inputs(0, (B, 3, 8)), _inputs(1, (B, T, 8))
+    layer = layers.Attention(score='additive', use_bias=False)
+    names = set(_unbox(layer.init(jax.random.key(0), q, k)['params']))
+    assert names == {'score_w_q', 'score_w_k', 'score_v'}
+    normed = layers.Attention(score='normed_additive', use_bias=False)
+    with pytest.raises(ValueError, match='always has its bias'):
+      normed.init(jax.random.key(0), q, k)
+
   def test_callable_score_and_values(self):
     q, k, v = (
       _inputs(0, (B, 3, 8)),
@@ -333,6 +370,21 @@ class TestAlignmentModules:
       gaussian=True,
     )[1]
     np.testing.assert_allclose(weights, expected, atol=1e-6)
+    with pytest.raises(ValueError, match='predicts its positions'):
+      layer.apply(variables, q, k, mask=mask, positions=jnp.arange(4))
+
+  def test_local_p_positions_in_float32_for_16_bit_inputs(self):
+    """p_t = S sigmoid(...) in bfloat16 would move by S / 2^8 steps, about
+    a sigma of the window at S = 1000."""
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.normal(size=(64, 32)), jnp.bfloat16)
+    w_p = jnp.asarray(rng.normal(size=(32, 16)) / 6, jnp.bfloat16)
+    v_p = jnp.asarray(rng.normal(size=(16,)) / 4, jnp.bfloat16)
+    centers = attention.predict_positions(h, w_p, v_p, jnp.array(1001))
+    assert centers.dtype == jnp.float32
+    f32 = [np.asarray(x, np.float64) for x in (h, w_p, v_p)]
+    expected = 1000 / (1 + np.exp(-np.tanh(f32[0] @ f32[1]) @ f32[2]))
+    np.testing.assert_allclose(centers, expected, atol=0.05)
 
   def test_hard_attention_modes(self):
     q, k = _inputs(0, (B, 3, D)), _inputs(1)

@@ -170,14 +170,19 @@ def test_cosine_matches_reference_with_zero_vectors():
   assert np.all(np.abs(np.asarray(out)) <= 1.0 + 1e-6)
 
 
-def test_cosine_gradient_finite_at_zero_vector():
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_cosine_gradient_finite_at_zero_vector(dtype):
   _, q, k = _qk(7)
   q[0, 0, 1, :] = 0.0
   k[0, 2, 0, :] = 0.0
+  q, k = jnp.asarray(q, dtype), jnp.asarray(k, dtype)
   loss = lambda q, k: jnp.sum(scores.cosine(q, k) ** 2 + scores.cosine(q, k))
+  out = scores.cosine(q, k)
+  assert out.dtype == dtype
+  assert np.all(np.asarray(out, np.float32)[0, :, 1, :] == 0.0)
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, k)
   for g in grads:
-    assert np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.isfinite(np.asarray(g, np.float32)))
 
 
 def test_cosine_is_scale_invariant():
