@@ -386,6 +386,10 @@ def test_parameters_carry_logical_axes_and_shard():
     (dict(eos_id=TGT_VOCAB), 'eos_id=12 must be < target_vocab_size'),
     (dict(bos_id=0), 'must differ'),
     (dict(bidirectional='yes'), 'bidirectional must be True or False'),
+    (
+      dict(decoder='bahdanau', input_feeding=False),
+      "input_feeding=False would be ignored.*'bahdanau'",
+    ),
   ],
 )
 def test_config_validation(overrides, message):

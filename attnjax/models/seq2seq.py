@@ -196,6 +196,12 @@ class Seq2SeqConfig:
         f'Use one of the attention decoders ({", ".join(ATTENTION_DECODERS)}) '
         "or leave score '' and alignment 'soft'."
       )
+    if not self.input_feeding and self.decoder != 'luong':
+      raise ValueError(
+        f'input_feeding=False would be ignored: only the luong decoder feeds '
+        f'its attentional state back, not {self.decoder!r}. Leave '
+        'input_feeding=True, or use decoder luong.'
+      )
 
   @property
   def encoder_dim(self) -> int:
