@@ -453,14 +453,21 @@ def smoothed_cross_entropy(
   With labels (1 - a) onehot + a / V, the loss is
   (1 - a) (logsumexp - logit_target) + a (logsumexp - mean(logits)).
   """
+  return _cross_entropies(logits, targets, label_smoothing)[0]
+
+
+def _cross_entropies(
+  logits: Array, targets: Array, label_smoothing: float
+) -> tuple[Array, Array]:
+  """(smoothed, plain) per-token cross-entropies, sharing one logsumexp."""
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  loss = log_z - target_logit
-  if label_smoothing:
-    uniform = log_z - jnp.mean(logits, axis=-1)
-    loss = (1 - label_smoothing) * loss + label_smoothing * uniform
-  return loss
+  nll = log_z - target_logit
+  if not label_smoothing:
+    return nll, nll
+  uniform = log_z - jnp.mean(logits, axis=-1)
+  return (1 - label_smoothing) * nll + label_smoothing * uniform, nll
 
 
 def token_metrics(
@@ -478,11 +485,7 @@ def token_metrics(
   mask = targets != pad_id
   if valid is not None:
     mask = mask & valid[:, None]
-  nll = smoothed_cross_entropy(logits, targets)
-  if label_smoothing:
-    loss = smoothed_cross_entropy(logits, targets, label_smoothing)
-  else:
-    loss = nll
+  loss, nll = _cross_entropies(logits, targets, label_smoothing)
   right = (jnp.argmax(logits, -1) == targets) | ~mask
   rows = jnp.ones(targets.shape[0], bool) if valid is None else valid
   return {
@@ -777,27 +780,22 @@ def restore_or_init(exp: Experiment, workdir, mngr, data_iterator=None):
       data_iterator,
     )
     return state, step
-  if exp.config.get('init_from'):
-    # Checked before the init below compiles anything.
-    source = pathlib.Path(exp.config.init_from)
-    abstract_params = exp.unboxed_abstract_state().params
-    checkpoints.check_param_shapes(source, abstract_params)
-    check_vocab_digests(
-      exp,
-      checkpoints.manager(source, read_only=True),
-      fix=f'Embeddings only fit the vocabulary they were trained with: '
-      f'copy {source / parallel.VOCAB_DIR} into {workdir} before the '
-      'first run.',
-    )
+  if not exp.config.get('init_from'):
+    return exp.init_state(jax.random.key(exp.config.seed)), 0
+  # Read before the init compiles anything, so a wrong source fails fast.
+  source = pathlib.Path(exp.config.init_from)
+  check_vocab_digests(
+    exp,
+    checkpoints.manager(source, read_only=True),
+    fix=f'Embeddings only fit the vocabulary they were trained with: '
+    f'copy {source / parallel.VOCAB_DIR} into {workdir} before the '
+    'first run.',
+  )
+  params = checkpoints.restore_params(
+    source, exp.unboxed_abstract_state().params, exp.state_shardings.params
+  )
   state = exp.init_state(jax.random.key(exp.config.seed))
-  if exp.config.get('init_from'):
-    params = checkpoints.restore_params(
-      exp.config.init_from,
-      exp.unboxed_abstract_state().params,
-      exp.state_shardings.params,
-    )
-    state = state.replace(params=params)
-  return state, 0
+  return state.replace(params=params), 0
 
 
 def train_and_evaluate(

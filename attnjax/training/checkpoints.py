@@ -167,11 +167,9 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
   }
 
 
-def check_param_shapes(workdir: str | pathlib.Path, abstract_params) -> None:
-  """Refuses, before anything is compiled or read, a checkpoint whose
-  parameters differ in name or shape from `abstract_params` (from its
-  metadata only)."""
-  mngr, step = _latest_or_raise(workdir)
+def _check_param_shapes(mngr, step: int, workdir, abstract_params) -> None:
+  """Refuses, from the checkpoint's metadata alone, parameters that differ
+  in name or shape from `abstract_params`."""
   path = pathlib.Path(mngr.directory) / str(step) / 'state'
   try:
     saved_tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
@@ -197,9 +195,10 @@ def check_param_shapes(workdir: str | pathlib.Path, abstract_params) -> None:
 
 def restore_params(workdir: str | pathlib.Path, abstract_params, shardings):
   """Parameters only, from the latest checkpoint in `workdir` (fine-tuning,
-  decoding)."""
-  check_param_shapes(workdir, abstract_params)
+  decoding). Parameters of other names or shapes are refused, naming them,
+  before any array is read."""
   mngr, step = _latest_or_raise(workdir)
+  _check_param_shapes(mngr, step, workdir, abstract_params)
   target = {'params': _abstract(abstract_params, shardings)}
   try:
     restored = mngr.restore(
