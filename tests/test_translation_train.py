@@ -115,6 +115,44 @@ def test_separate_vocabularies(tfds_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------
+
+def test_process_zero_prepares_data_and_vocabularies_first(
+  tfds_dir, tmp_path, monkeypatch
+):
+  """Two processes simulated one after the other on a shared workdir:
+  process 0 reads the data (building it) and trains the vocabularies
+  before each barrier; process 1 reads nothing before the first."""
+  from jax.experimental import multihost_utils
+
+  events = []
+  load_pairs = parallel.translation_lib.load_pairs
+
+  def logged_load(*args, **kwargs):
+    events.append('read data')
+    return load_pairs(*args, **kwargs)
+
+  monkeypatch.setattr(parallel.translation_lib, 'load_pairs', logged_load)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(
+    multihost_utils, 'sync_global_devices', lambda name: events.append(name)
+  )
+  monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all', lambda x: x)
+  per_process = []
+  for index in (0, 1):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    events.clear()
+    make_task(tfds_dir, tmp_path)
+    per_process.append(list(events))
+  assert per_process == [
+    [
+      'read data',
+      'attnjax tfds dataset prepared',
+      'read data',
+      'attnjax vocabularies written',
+    ],
+    ['attnjax tfds dataset prepared'],
+  ]
+
 # The training pipeline.
 
 

@@ -220,6 +220,8 @@ class TranslationTask:
     self.max_target_len = data.max_target_len
     self.vocab_dir = pathlib.Path(vocab_dir)
     self._train: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+    if train_vocab:
+      self._build_dataset()
     self.source_vocab, self.target_vocab = self._vocabs(train_vocab)
     self.vocab = self.target_vocab
 
@@ -251,6 +253,20 @@ class TranslationTask:
       reverse=self.data.reverse,
       **kwargs,
     )
+
+  def _build_dataset(self) -> None:
+    """In a multi-process run, process 0 prepares the TFDS dataset (all
+    its splits) while the others wait, so that they never build it at the
+    same time; `tfds_dir` must be on a file system all processes share.
+    A single process builds it on first use instead."""
+    import jax  # Only to agree across processes.
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+      return
+    if jax.process_index() == 0:
+      self.pairs(self.data.train_split)
+    multihost_utils.sync_global_devices('attnjax tfds dataset prepared')
 
   def _train_pairs(self) -> list[tuple[str, str]]:
     return list(self.pairs(self.data.train_split))
