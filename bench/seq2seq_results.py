@@ -57,6 +57,8 @@ def _describe(name: str) -> str:
   fields = base.VARIANTS[name]
   parts = [fields['decoder']]
   parts += [str(fields[k]) for k in ('score', 'alignment') if k in fields]
+  if fields.get('reverse_source'):
+    parts.append('reversed source')
   return ' '.join(parts)
 
 

@@ -25,6 +25,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.hidden_dim = 128  # Recurrent state width.
   config.model.num_layers = 1  # Stacked recurrent layers (encoder/decoder).
   config.model.bidirectional = False  # Bidirectional encoder.
+  config.model.reverse_source = False  # Encoder reads sources backwards.
   config.model.dropout_rate = 0.0  # Dropout on embeddings and RNN outputs.
   config.model.unroll = 1  # lax.scan unroll factor of the recurrences.
   config.model.dtype = 'float32'  # Computation dtype.
@@ -114,6 +115,8 @@ def make_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # `reverse.py:luong_dot,tiny`. Each names the config.model fields it sets.
 VARIANTS: dict[str, dict[str, object]] = {
   'sutskever': dict(decoder='sutskever'),
+  # Sutskever et al.'s reversed source order.
+  'sutskever_reversed': dict(decoder='sutskever', reverse_source=True),
   'cho': dict(decoder='cho'),
   'bahdanau': dict(decoder='bahdanau'),
   'bahdanau_normed': dict(decoder='bahdanau', score='normed_additive'),

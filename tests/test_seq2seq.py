@@ -36,7 +36,7 @@ ALL_VARIANTS = list(
 VARIANTS = [
   ('lstm', 'sutskever', True, ()),
   ('lstm', 'cho', False, (('dropout_rate', 0.3),)),
-  ('gru', 'sutskever', False, (('unroll', 2),)),
+  ('gru', 'sutskever', False, (('unroll', 2), ('reverse_source', True))),
   ('gru', 'cho', True, ()),
   # Soft attention under the main scores (bahdanau's default is additive).
   ('lstm', 'bahdanau', True, ()),
@@ -68,7 +68,11 @@ VARIANTS = [
     'gru',
     'bahdanau',
     True,
-    (('alignment', 'location_aware'), ('location_kernel', 3)),
+    (
+      ('alignment', 'location_aware'),
+      ('location_kernel', 3),
+      ('reverse_source', True),
+    ),
   ),
 ]
 ATTENTION_VARIANTS = [v for v in VARIANTS if v[1] in seq2seq.ATTENTION_DECODERS]
@@ -322,6 +326,38 @@ def test_greedy_is_argmax_of_its_own_forward_pass(
   for row, best in zip(np.asarray(tokens), argmax, strict=True):
     upto = _until_eos(row)
     np.testing.assert_array_equal(row[upto], best[upto])
+
+
+@pytest.mark.parametrize('bidirectional', [False, True])
+def test_reverse_source_reads_the_reversed_tokens(bidirectional):
+  """The encoder with reverse_source == the plain encoder on sources
+  reversed by hand, its outputs put back in source order."""
+  inputs, _, lengths = _batch(lengths=(S, 3, 1))
+  plain = _model('gru', 'bahdanau', bidirectional)
+  reversing = _model('gru', 'bahdanau', bidirectional, reverse_source=True)
+  variables = _init(plain, scale=1.0)
+  by_hand = np.array(inputs)
+  for row, length in enumerate(np.asarray(lengths)):
+    by_hand[row, :length] = by_hand[row, :length][::-1]
+
+  def encode(model, tokens):
+    return model.apply(
+      variables, tokens, source_lengths=lengths, method='encode'
+    )
+
+  outputs, state = encode(reversing, inputs)
+  expected_outputs, expected_state = encode(plain, jnp.asarray(by_hand))
+  assert not np.allclose(outputs, encode(plain, inputs)[0], atol=1e-3)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, atol=1e-6),
+    state,
+    expected_state,
+  )
+  for row, length in enumerate(np.asarray(lengths)):
+    np.testing.assert_allclose(
+      outputs[row, :length], expected_outputs[row, :length][::-1], atol=1e-6
+    )
+  np.testing.assert_array_equal(outputs[0, 0], expected_outputs[0, S - 1])
 
 
 def test_tokens_after_eos_are_pad():

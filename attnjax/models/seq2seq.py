@@ -95,6 +95,10 @@ class Seq2SeqConfig:
     num_layers: stacked RNN layers, in the encoder and in the decoder.
     cell: 'lstm' or 'gru' (see `CELLS`).
     bidirectional: a bidirectional encoder.
+    reverse_source: the encoder reads each source backwards, last valid
+      token first (Sutskever et al. 2014, section 3.3); its outputs are put
+      back at their tokens' positions, so attention weights still follow
+      the source order.
     decoder: a key of `DECODERS`: 'sutskever', 'cho' (no attention),
       'bahdanau', 'luong'.
     dropout_rate: dropout on embeddings, between stacked layers and on the
@@ -134,6 +138,7 @@ class Seq2SeqConfig:
   num_layers: int = 1
   cell: str = 'lstm'
   bidirectional: bool = False
+  reverse_source: bool = False
   decoder: str = 'sutskever'
   dropout_rate: float = 0.0
   max_target_len: int = 64
@@ -170,7 +175,10 @@ class Seq2SeqConfig:
       minimum=1,
     )
     checks.ints(self, ('attention_dim', 'max_source_len'), minimum=0)
-    checks.bools(self, ('bidirectional', 'project_keys', 'input_feeding'))
+    checks.bools(
+      self,
+      ('bidirectional', 'reverse_source', 'project_keys', 'input_feeding'),
+    )
     checks.rates(self, ('dropout_rate',))
     checks.special_ids(self)
     if self.cell not in CELLS:
@@ -311,6 +319,15 @@ def source_lengths_from(inputs: Array, pad_id: int) -> Array:
   return jnp.sum(inputs != pad_id, axis=-1, dtype=jnp.int32)
 
 
+def reversed_order(lengths: Array, width: int) -> Array:
+  """Indices that reverse each row's first `lengths` positions and leave
+  the padding after them in place, int32 `[batch, width]`. The permutation
+  is its own inverse."""
+  positions = jnp.arange(width, dtype=jnp.int32)
+  lengths = lengths[:, None].astype(jnp.int32)
+  return jnp.where(positions < lengths, lengths - 1 - positions, positions)
+
+
 # Encoder.
 
 
@@ -321,7 +338,8 @@ class Encoder(nn.Module):
   positions nor the final state: the RNNs run with `seq_lengths` (the backward
   direction starts at each row's last valid token), the final carry is the
   one at the last valid position, and padded outputs are set to zero. A row
-  of length 0 has zero outputs and a zero final state.
+  of length 0 has zero outputs and a zero final state. With
+  `reverse_source`, the valid tokens are read last to first.
 
   With `bidirectional`, each layer's final state combines the forward and
   the backward final carries into `hidden_dim`: every carry component (c and
@@ -353,6 +371,9 @@ class Encoder(nn.Module):
     chex.assert_shape(source_lengths, inputs.shape[:1])
     mask = masks.length_mask(source_lengths, inputs.shape[1])[..., None]
     dropout = nn.Dropout(config.dropout_rate, deterministic=not train)
+    if config.reverse_source:
+      order = reversed_order(source_lengths, inputs.shape[1])
+      inputs = jnp.take_along_axis(inputs, order, axis=1)
     x = dropout(_embed(config.source_vocab_size, config, name='embed')(inputs))
     # nn.RNN picks the carry at index length - 1, i.e. the last one for
     # length 0; an empty source gets the zero initial state instead.
@@ -379,6 +400,8 @@ class Encoder(nn.Module):
         jax.tree.map(lambda c: jnp.where(nonempty, c, 0), carry)
       )
       x = dropout(jnp.where(mask, x, 0).astype(config.dtype))
+    if config.reverse_source:  # Back to the source's order.
+      x = jnp.take_along_axis(x, order[..., None], axis=1)
     return x, tuple(final_state)
 
   def _bridge(self, carry: tuple[Carry, Carry], layer: int) -> Carry:
