@@ -116,6 +116,7 @@ def test_separate_vocabularies(tfds_dir, tmp_path):
 
 # ---------------------------------------------------------------------------
 
+
 def test_process_zero_prepares_data_and_vocabularies_first(
   tfds_dir, tmp_path, monkeypatch
 ):
@@ -152,6 +153,7 @@ def test_process_zero_prepares_data_and_vocabularies_first(
     ],
     ['attnjax tfds dataset prepared'],
   ]
+
 
 # The training pipeline.
 
