@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax.training import train_state
 
 from attnjax import decoding
@@ -81,6 +82,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'Fix it in the config file or with --config.{field}=...'
       )
 
+  def is_int(field: str, minimum: int, maximum: int | None = None) -> None:
+    value = _lookup(config, field)
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and value >= minimum and (maximum is None or value <= maximum)
+    bounds = f'>= {minimum}' if maximum is None else f'in [0, {maximum}]'
+    need(ok, field, f'an integer {bounds}')
+
   for field in (
     'batch_size',
     'eval_batch_size',
@@ -89,8 +97,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     'eval_every_steps',
     'checkpoint_every_steps',
     'keep_checkpoints',
+    'data.heldout_size',
   ):
-    need(_lookup(config, field) >= 1, field, '>= 1')
+    is_int(field, 1)
+  is_int('optimizer.warmup_steps', 0)
+  # jax.random.key takes 32 bits: 2**32 would be the key of seed 0.
+  is_int('seed', 0, 2**32 - 1)
+  is_int('data.seed', 0, 2**32 - 1)
   need(0 <= config.label_smoothing < 1, 'label_smoothing', 'in [0, 1)')
   opt = config.optimizer
   need(
@@ -102,7 +115,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f'one of {optim.SCHEDULES}',
   )
   need(opt.learning_rate > 0, 'optimizer.learning_rate', '> 0')
-  need(opt.warmup_steps >= 0, 'optimizer.warmup_steps', '>= 0')
   need(opt.clip_norm >= 0, 'optimizer.clip_norm', '>= 0 (0 disables)')
   need(0 <= opt.b1 < 1, 'optimizer.b1', 'in [0, 1)')
   need(0 <= opt.b2 < 1, 'optimizer.b2', 'in [0, 1)')
@@ -114,8 +126,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     "0 with optimizer.name='adam' (set optimizer.name='adamw' for weight "
     'decay)',
   )
-  need(config.data.heldout_size >= 1, 'data.heldout_size', '>= 1')
-  need(config.data.seed >= 0, 'data.seed', '>= 0')
   _check_known_fields(config)
 
 
@@ -336,7 +346,14 @@ class Experiment:
   @functools.cached_property
   def heldout_set(self) -> pipeline.HeldOut:
     """`heldout()`, kept for the evaluations during training."""
-    return self.heldout()
+    try:
+      return self.heldout()
+    except ValueError as e:
+      size = self.config.data.heldout_size
+      raise ValueError(
+        f'config.data.heldout_size={size} is too large: {e} Set '
+        '--config.data.heldout_size to at most that.'
+      ) from None
 
   def vocab_digests(self) -> dict[str, str]:
     """Fingerprints of the vocabulary files ({} for synthetic tasks)."""
@@ -810,6 +827,9 @@ def train_and_evaluate(
   workdir.mkdir(parents=True, exist_ok=True)
   check_config_matches(config, workdir)
   exp = Experiment.create(config, workdir)
+  # Drawn now rather than at the first evaluation, so that a heldout_size
+  # the task cannot fill fails before any training.
+  exp.heldout_set  # noqa: B018
   mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   data_iterator = exp.train_iterator()
   try:
@@ -839,6 +859,28 @@ def train_and_evaluate(
   log = _TrainLog(
     exp, writer, metrics.Progress(start, config.num_train_steps), mngr
   )
+  try:
+    return _train_steps(exp, state, start, data_iterator, mngr, log, writer)
+  finally:
+    # Also after an error: a checkpoint being written in the background
+    # is finished, not left as a temporary folder.
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+
+
+def _train_steps(
+  exp: Experiment,
+  state: TrainState,
+  start: int,
+  data_iterator: Iterator[dict[str, np.ndarray]],
+  mngr: ocp.CheckpointManager,
+  log: _TrainLog,
+  writer: metrics.MetricsWriter,
+) -> dict[str, Any]:
+  """Steps `start + 1` to the end, with the logs, checkpoints and held-out
+  evaluations on their schedules; returns the last evaluation."""
+  config = exp.config
   step_fn, eval_step = make_train_step(exp), make_eval_step(exp)
   rng = jax.random.key(config.seed)
   pending = None
@@ -882,9 +924,6 @@ def train_and_evaluate(
     log.write(config.num_train_steps)  # a last partial window, if any
     if not result:  # the workdir had already finished training
       result = evaluate(exp, state.params, eval_step=eval_step)
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
   return result
 
 

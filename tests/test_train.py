@@ -458,11 +458,34 @@ def test_unknown_config_field_suggests_close_match(tmp_path):
     ({'data.largest': 0}, 'largest'),
     ({'model.cell': 'lstmm'}, 'cell'),
     ({'optimizer.weight_decay': 0.1}, "optimizer.name='adamw'"),
+    (
+      {'seed': 2**32},
+      r'config.seed=4294967296 .* integer in \[0, 4294967295\]',
+    ),
+    ({'optimizer.warmup_steps': -1}, 'warmup_steps'),
+    # 99 + 99 leaves 213 held-out questions: refused before any training.
+    ({'data.heldout_size': 1000}, 'heldout_size=1000 .* only 213 held-out'),
   ],
 )
 def test_bad_config_values(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     train_lib.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize(
+  'field', ['batch_size', 'num_train_steps', 'data.heldout_size']
+)
+def test_float_where_an_integer_belongs_is_refused(tmp_path, field):
+  """A config file may write `1e4`; the field's type is not locked then."""
+  config = tiny_config()
+  *parents, leaf = field.split('.')
+  node = config[parents[0]] if parents else config
+  value = float(node[leaf])
+  del node[leaf]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=f'config.{field}=.* must be an integer'):
+    train_lib.train_and_evaluate(config, str(tmp_path))
 
 
 def test_workdir_of_a_different_model_is_refused(trained, tmp_path):
