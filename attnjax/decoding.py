@@ -8,7 +8,9 @@ where `state` is any pytree whose leaves all have the rows (N = batch, or
 batch * beam in beam search) as their leading dim: an RNN's carry, a
 Transformer's cache, a position counter. The step consumes the previous token
 (BOS at the first step) and gives normalised log-probabilities (<= 0) of the
-next one. Neither search loops over time in Python: each is one
+next one. Neither search ever emits PAD or BOS (they are never targets):
+their log-probs are set to -inf before a token is chosen, so PAD appears
+only after the end. Neither search loops over time in Python: each is one
 `lax.while_loop` that stops as soon as nothing can change the result, so both
 run under `jax.jit` with `max_len` (and the beam settings) static.
 """
@@ -90,6 +92,11 @@ def _check_log_probs(log_probs: Any, rows: int) -> None:
     )
 
 
+def _forbid_specials(log_probs: Array, pad_id: int, bos_id: int) -> Array:
+  """float32 log-probs with PAD and BOS (the last axis) made impossible."""
+  return log_probs.astype(jnp.float32).at[..., (pad_id, bos_id)].set(-jnp.inf)
+
+
 def greedy_search(
   step_fn: StepFn,
   init_state: Any,
@@ -127,7 +134,7 @@ def greedy_search(
     t, tokens, done, lengths, scores, state = carry
     prev = jnp.where(t == 0, start, tokens[:, jnp.maximum(t - 1, 0)])
     log_probs, state = step_fn(prev, state)
-    log_probs = log_probs.astype(jnp.float32)
+    log_probs = _forbid_specials(log_probs, pad_id, bos_id)
     best = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
     best_log_prob = jnp.take_along_axis(log_probs, best[:, None], axis=1)[:, 0]
     token = jnp.where(done, pad_id, best)
@@ -317,7 +324,8 @@ def beam_search(
           step_attention.reshape(batch_size, k, -1)
         )
       )
-    log_probs = log_probs.astype(jnp.float32).reshape(batch_size, k, vocab)
+    log_probs = _forbid_specials(log_probs, pad_id, bos_id)
+    log_probs = log_probs.reshape(batch_size, k, vocab)
     candidates = live.log_probs[:, :, None] + log_probs
     candidates = candidates.reshape(batch_size, k * vocab)
 

@@ -32,6 +32,11 @@ def test_vocab_decode_skips_pad_bos_and_stops_at_eos():
   assert vocab.decode([PAD_ID, PAD_ID]) == ''
   with pytest.raises(ValueError, match='id 6'):
     vocab.decode([6])
+  assert vocab.decode([]) == ''
+  with pytest.raises(ValueError, match=r'one sequence .* shape \(2, 2\)'):
+    vocab.decode(np.array([[3, EOS_ID], [4, EOS_ID]]))
+  with pytest.raises(ValueError, match='dtype float'):
+    vocab.decode(np.array([3.0, 4.0]))
 
 
 def test_vocab_encode_names_every_bad_character_and_the_alphabet():

@@ -4,8 +4,9 @@ The toy model's next-token distribution is a fixed random table indexed by a
 hash of the whole prefix, which the state carries as a `[rows, max_len]`
 history buffer: a beam whose state is not reordered along its back-pointers
 reads the wrong row of the table, so every comparison below also tests the
-state handling. PAD and BOS have probability 0, so with max_len 4 the
-sequences over {EOS, a, b} can all be listed and scored.
+state handling. The searches never emit PAD or BOS, so with max_len 4 the
+sequences over {EOS, a, b} can all be listed and scored; PAD and BOS have
+probability 0 unless `special_logit` gives them some.
 """
 
 import functools
@@ -44,12 +45,20 @@ class ToyModel:
   """Random next-token (and attention) tables indexed by the prefix."""
 
   def __init__(
-    self, seed, rows, max_len, vocab=5, eos_bias=0.0, src_len=3, src_pad=0
+    self,
+    seed,
+    rows,
+    max_len,
+    vocab=5,
+    eos_bias=0.0,
+    src_len=3,
+    src_pad=0,
+    special_logit=-np.inf,
   ):
     rng = np.random.default_rng(seed)
     logits = 2.0 * rng.normal(size=(rows, HASH_SIZE, vocab))
     logits[..., EOS_ID] += eos_bias
-    logits[..., [PAD_ID, BOS_ID]] = -np.inf
+    logits[..., [PAD_ID, BOS_ID]] = special_logit
     self.table = _log_softmax(logits).astype(np.float32)
     attention = np.exp(rng.normal(size=(rows, HASH_SIZE, src_len)))
     attention[..., src_len - src_pad :] = 0.0  # Padded source positions.
@@ -357,6 +366,25 @@ def test_greedy_search_follows_the_argmax_path():
     assert result.lengths[row] == len(tokens)
     np.testing.assert_allclose(result.scores[row], log_prob, rtol=1e-6)
   assert len(STEP_CALLS) == max(result.lengths)
+
+
+def test_searches_never_emit_pad_or_bos():
+  """PAD and BOS are the likeliest tokens here, yet neither search emits
+  them: both keep to the other tokens, with the model's log-probs."""
+  model = ToyModel(seed=4, rows=3, max_len=4, special_logit=6.0)
+  for row in range(model.rows):
+    assert np.argmax(model.next_log_probs(row, ())) in (PAD_ID, BOS_ID)
+  beam = search(model, beam_size=EXHAUSTIVE_BEAM, num_return=6)
+  expected = [enumerate_nbest(model, r, 6) for r in range(model.rows)]
+  assert_matches(beam, expected, model.max_len)
+  greedy = search(model, decoding.greedy_search)
+  for row in range(model.rows):
+    tokens = []
+    while len(tokens) < model.max_len and EOS_ID not in tokens:
+      log_probs = model.next_log_probs(row, tuple(tokens))
+      log_probs[[PAD_ID, BOS_ID]] = -np.inf
+      tokens.append(int(np.argmax(log_probs)))
+    np.testing.assert_array_equal(greedy.tokens[row, : len(tokens)], tokens)
 
 
 def _ends_at_row_index(tokens, state):

@@ -322,6 +322,8 @@ def test_greedy_is_argmax_of_its_own_forward_pass(
   assert tokens.shape == (B, T)
   _assert_pad_after_eos(tokens)
   logits, _, _, _ = c.forward(c.variables, inputs, tokens, lengths)
+  # The searches never emit PAD or BOS.
+  logits = logits.at[..., [PAD, BOS]].set(-jnp.inf)
   argmax = np.asarray(jnp.argmax(logits, axis=-1))
   for row, best in zip(np.asarray(tokens), argmax, strict=True):
     upto = _until_eos(row)

@@ -187,10 +187,12 @@ def test_source_padding_never_matters(variant):
 
 
 def _check_greedy_is_argmax_path(variables, inputs, forward, tokens):
-  """Each greedy token is the argmax of the teacher-forced pass on the
-  greedy output itself, up to and including EOS."""
+  """Each greedy token is the argmax (over all but PAD and BOS, which the
+  searches never emit) of the teacher-forced pass on the greedy output
+  itself, up to and including EOS."""
   tokens = np.asarray(tokens)
-  argmax = np.argmax(forward(variables, inputs, jnp.asarray(tokens)), -1)
+  logits = forward(variables, inputs, jnp.asarray(tokens))
+  argmax = np.argmax(logits.at[..., [PAD, BOS]].set(-jnp.inf), -1)
   for row in range(tokens.shape[0]):
     ends = np.flatnonzero(tokens[row] == EOS)
     length = ends[0] + 1 if len(ends) else tokens.shape[1]
@@ -226,6 +228,7 @@ def test_decode_model_uses_the_model_special_ids():
   greedy = np.asarray(search(variables, inputs))
   # Causal: position 0's logits depend only on the model's BOS.
   logits = model.apply(variables, inputs, first, train=False)
+  logits = logits.at[..., [pad, bos]].set(-jnp.inf)
   np.testing.assert_array_equal(greedy[:, 0], np.argmax(logits[:, 0], -1))
   # An output bias that always prefers the model's EOS.
   params = nn.unbox(variables)['params']

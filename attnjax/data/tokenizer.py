@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from attnjax.data.vocab import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
+from attnjax.data.vocab import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, text_ids
 
 UNK_ID = NUM_SPECIAL
 MODEL_TYPES = ('unigram', 'bpe')
@@ -140,15 +140,8 @@ class SubwordVocab:
     return self._sp.encode(list(texts))
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-    """The detokenised text of `ids` up to the first EOS; PAD and BOS are
-    skipped."""
-    kept = []
-    for i in np.asarray(ids).reshape(-1).tolist():
-      if i == EOS_ID:
-        break
-      if i not in (PAD_ID, BOS_ID):
-        kept.append(i)
-    return self._sp.decode(kept)
+    """The detokenised text of `ids` (see `attnjax.data.vocab.text_ids`)."""
+    return self._sp.decode(text_ids(ids))
 
   def pieces(self, ids: Iterable[int] | np.ndarray) -> list[str]:
     """One piece per id, e.g. ['▁Zwei', '▁Hunde', '.'] (for plot labels)."""

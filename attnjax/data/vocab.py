@@ -16,6 +16,30 @@ EOS_ID = 2
 NUM_SPECIAL = 3
 
 
+def text_ids(ids: Iterable[int] | np.ndarray) -> list[int]:
+  """The ids of one sequence that carry text: those before the first EOS,
+  without PAD and BOS (a padded target row, an output that starts with BOS).
+
+  Raises:
+    ValueError: `ids` is not one sequence of integers.
+  """
+  array = np.asarray(ids)
+  if array.ndim != 1 or not (
+    array.size == 0 or np.issubdtype(array.dtype, np.integer)
+  ):
+    raise ValueError(
+      f'decode takes one sequence of integer ids; got an array of shape '
+      f'{array.shape} and dtype {array.dtype} (decode each row on its own).'
+    )
+  kept = []
+  for i in array.tolist():
+    if i == EOS_ID:
+      break
+    if i not in (PAD_ID, BOS_ID):
+      kept.append(i)
+  return kept
+
+
 def check_alphabet(alphabet: Any, field: str = 'alphabet') -> str:
   """Returns `alphabet` if it is a usable alphabet, else raises ValueError.
 
@@ -89,20 +113,13 @@ class CharVocab:
     return [self._char_to_id[c] for c in text]
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-    """Returns the text of `ids`, stopping at the first EOS.
-
-    PAD and BOS are skipped, so a padded target row or a decoder output that
-    starts with BOS decodes to its text.
+    """Returns the text of `ids` (see `text_ids`).
 
     Raises:
-      ValueError: an id is outside `[0, size)`.
+      ValueError: not one sequence of ids, or an id outside `[0, size)`.
     """
     chars = []
-    for i in np.asarray(ids).reshape(-1).tolist():
-      if i == EOS_ID:
-        break
-      if i in (PAD_ID, BOS_ID):
-        continue
+    for i in text_ids(ids):
       if not NUM_SPECIAL <= i < self.size:
         raise ValueError(
           f'id {i} is outside this vocabulary (ids 0..{self.size - 1}).'
