@@ -413,7 +413,16 @@ def test_cli_decode_and_evaluate(trained, capsys):
 
 @pytest.mark.parametrize(
   'text, message',
-  [('12*34', "'\\*'"), ('', 'empty'), ('1234567+1', 'long')],
+  [
+    ('12*34', "'\\*'"),
+    ('', 'empty'),
+    ('1234567+1', 'long'),
+    # The tiny config adds two numbers up to 99.
+    ('123+4', 'give 2 numbers from 0 to 99'),
+    ('7+8+9', 'not a question'),
+    ('1 + 2', 'without spaces'),
+    ('+12', 'not a question'),
+  ],
 )
 def test_cli_decode_bad_input(trained, capsys, text, message):
   workdir, _ = trained

@@ -301,6 +301,28 @@ class AdditionTask(Task):
     # Questions are left-padded to a fixed width, as in training.
     return text.strip().rjust(self.source_width)
 
+  def prepare_source(self, text: str) -> list[int]:
+    """Token ids of a user-given question such as '123+456'.
+
+    Raises:
+      ValueError: as `Task.prepare_source`, or a question that is not
+        `n_numbers` numbers from 0 to `largest` joined by '+'.
+    """
+    ids = super().prepare_source(text)
+    terms = text.strip().split('+')
+    if len(terms) != self.n_numbers or not all(
+      term.isdigit() and int(term) <= self.largest for term in terms
+    ):
+      example = '+'.join(
+        str(self.largest // 3 + i) for i in range(self.n_numbers)
+      )
+      raise ValueError(
+        f'input {text!r} is not a question of this addition task: give '
+        f'{self.n_numbers} numbers from 0 to {self.largest} joined by '
+        f"'+', without spaces, e.g. {example!r}."
+      )
+    return ids
+
   def _format(self, numbers: list[int]) -> str:
     return '+'.join(map(str, numbers)).rjust(self.source_width)
 
