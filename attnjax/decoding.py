@@ -10,11 +10,14 @@ Transformer's cache, a position counter. The step consumes the previous token
 (BOS at the first step) and gives normalised log-probabilities (<= 0) of the
 next one. Neither search ever emits PAD or BOS (they are never targets):
 their log-probs are set to -inf before a token is chosen, so PAD appears
-only after the end. Neither search loops over time in Python: each is one
+only after the end. A NaN log-prob counts as -inf, and a row in which no
+token is possible ends empty (PAD, length 0, score -inf) in both searches.
+Neither search loops over time in Python: each is one
 `lax.while_loop` that stops as soon as nothing can change the result, so both
 run under `jax.jit` with `max_len` (and the beam settings) static.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,6 +41,9 @@ class GreedyResult(NamedTuple):
   tokens: int32 `[batch, max_len]`, PAD after EOS.
   lengths: int32 `[batch]`, tokens up to and including EOS (max_len if none).
   scores: float32 `[batch]`, sum of the log-probs of those tokens.
+
+  A row that reached a step at which no token was possible is empty: PAD
+  tokens, length 0 and score -inf (as `BeamResult`'s empty slots).
   """
 
   tokens: Array
@@ -46,7 +52,9 @@ class GreedyResult(NamedTuple):
 
 
 class BeamResult(NamedTuple):
-  """The n best hypotheses of each row, best first.
+  """The n best hypotheses of each row, best first: the finished ones by
+  score, then (filling the slots left) unfinished ones by score, so a later
+  slot can score higher than an earlier one.
 
   tokens: int32 `[batch, n, max_len]`, PAD after EOS.
   scores: float32 `[batch, n]`, log_probs / length penalty + coverage penalty.
@@ -72,6 +80,14 @@ def _check_positive(**kwargs: int) -> None:
       raise ValueError(f'{name} must be >= 1; got {value}.')
 
 
+def _check_alpha(alpha: float) -> None:
+  if not (math.isfinite(alpha) and alpha >= 0):
+    raise ValueError(
+      f'alpha, the GNMT length-penalty exponent, must be a finite number '
+      f'>= 0 (0 turns the penalty off, GNMT uses 0.6-1.0); got {alpha}.'
+    )
+
+
 def _check_rows(tree: Any, rows: int, name: str, fix: str) -> None:
   """Every leaf of `tree` has `rows` as its leading dim."""
   for path, leaf in jax.tree.leaves_with_path(tree):
@@ -93,8 +109,11 @@ def _check_log_probs(log_probs: Any, rows: int) -> None:
 
 
 def _forbid_specials(log_probs: Array, pad_id: int, bos_id: int) -> Array:
-  """float32 log-probs with PAD and BOS (the last axis) made impossible."""
-  return log_probs.astype(jnp.float32).at[..., (pad_id, bos_id)].set(-jnp.inf)
+  """float32 log-probs with PAD and BOS (the last axis) and NaNs made
+  impossible."""
+  log_probs = log_probs.astype(jnp.float32)
+  log_probs = jnp.where(jnp.isnan(log_probs), -jnp.inf, log_probs)
+  return log_probs.at[..., (pad_id, bos_id)].set(-jnp.inf)
 
 
 def greedy_search(
@@ -137,8 +156,11 @@ def greedy_search(
     log_probs = _forbid_specials(log_probs, pad_id, bos_id)
     best = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
     best_log_prob = jnp.take_along_axis(log_probs, best[:, None], axis=1)[:, 0]
-    token = jnp.where(done, pad_id, best)
+    # No token is possible: the row ends here, empty (see GreedyResult).
+    impossible = ~done & (best_log_prob == -jnp.inf)
     scores = scores + jnp.where(done, 0.0, best_log_prob)
+    done = done | impossible
+    token = jnp.where(done, pad_id, best)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | (token == eos_id)
     return t + 1, tokens.at[:, t].set(token), done, lengths, scores, state
@@ -152,7 +174,12 @@ def greedy_search(
     init_state,
   )
   _, tokens, _, lengths, scores, _ = jax.lax.while_loop(cond, body, init)
-  return GreedyResult(tokens, lengths, scores)
+  valid = scores > -jnp.inf
+  return GreedyResult(
+    tokens=jnp.where(valid[:, None], tokens, pad_id),
+    lengths=jnp.where(valid, lengths, 0),
+    scores=scores,
+  )
 
 
 def _gather(hyps: BeamResult, index: Array) -> BeamResult:
@@ -237,13 +264,11 @@ def beam_search(
   """
   n = beam_size if num_return is None else num_return
   _check_positive(batch_size=batch_size, beam_size=beam_size, max_len=max_len)
-  if alpha < 0:
+  _check_alpha(alpha)
+  if not (math.isfinite(coverage_weight) and coverage_weight >= 0):
     raise ValueError(
-      f'alpha must be >= 0 (0 = no length penalty, GNMT uses 0.6-1.0); got '
-      f'{alpha}.'
+      f'coverage_weight must be a finite number >= 0; got {coverage_weight}.'
     )
-  if coverage_weight < 0:
-    raise ValueError(f'coverage_weight must be >= 0; got {coverage_weight}.')
   if coverage_weight > 0 and attention_fn is None:
     raise ValueError(
       'coverage_weight > 0 needs the attention weights of each step: pass '
@@ -388,11 +413,7 @@ def check_search(beam_size: int, alpha: float) -> None:
       f'beam_size must be an integer >= 1 (1 is greedy search); got '
       f'{beam_size!r}.'
     )
-  if alpha < 0:
-    raise ValueError(
-      f'alpha, the GNMT length-penalty exponent, must be >= 0 (0 turns the '
-      f'penalty off); got {alpha}.'
-    )
+  _check_alpha(alpha)
 
 
 def special_ids(model) -> dict[str, int]:

@@ -430,6 +430,33 @@ def test_rows_finish_at_different_times_and_stop_the_loop(search_fn):
   assert len(calls) == 3  # the last row ends at its third step
 
 
+@pytest.mark.parametrize('bad', [-np.inf, np.nan])
+def test_rows_with_no_possible_token_end_empty_in_both_searches(bad):
+  """Row 0 has no possible token at its second step (all -inf, or NaN,
+  which counts as -inf); row 1 is the uniform model. Both searches leave
+  row 0 empty (PAD, length 0, score -inf) and stop at row 1's end."""
+
+  def step(tokens, state):
+    uniform = jnp.full((2, 5), -jnp.log(5.0))
+    first = jnp.log(jnp.array([0.1, 0.1, 0.1, 0.6, 0.1]))  # Not EOS.
+    log_probs = uniform.at[0].set(jnp.where(state[0] >= 1, bad, first))
+    return log_probs, state + 1
+
+  greedy = decoding.greedy_search(step, jnp.zeros(2), batch_size=2, max_len=4)
+  beam = decoding.beam_search(
+    step, jnp.zeros(2), batch_size=2, beam_size=1, max_len=4
+  )
+  for tokens, lengths, scores in (
+    (greedy.tokens, greedy.lengths, greedy.scores),
+    (beam.tokens[:, 0], beam.lengths[:, 0], beam.scores[:, 0]),
+  ):
+    np.testing.assert_array_equal(tokens[0], [PAD_ID] * 4)
+    assert lengths[0] == 0 and scores[0] == -np.inf
+    # Row 1: the first of the tied letters is EOS.
+    np.testing.assert_array_equal(tokens[1], [EOS_ID] + [PAD_ID] * 3)
+    np.testing.assert_allclose(scores[1], -np.log(5.0), rtol=1e-6)
+
+
 def _uniform_step(tokens, state):
   return jnp.zeros((tokens.shape[0], 5)) - jnp.log(5.0), state
 
@@ -438,12 +465,15 @@ def _uniform_step(tokens, state):
   'kwargs,message',
   [
     (dict(beam_size=0), 'beam_size must be >= 1'),
-    (dict(alpha=-0.1), 'alpha must be >= 0'),
+    (dict(alpha=-0.1), 'alpha, .* must be a finite number >= 0'),
+    (dict(alpha=float('nan')), 'must be a finite number >= 0 .*got nan'),
+    (dict(alpha=float('inf')), 'must be a finite number >= 0 .*got inf'),
     (dict(num_return=5), r'num_return must be in \[1, beam_size=4\]'),
     (dict(num_return=0), 'num_return must be in'),
     (dict(max_len=0), 'max_len must be >= 1'),
     (dict(batch_size=0), 'batch_size must be >= 1'),
-    (dict(coverage_weight=-1.0), 'coverage_weight must be >= 0'),
+    (dict(coverage_weight=-1.0), 'coverage_weight must be a finite number'),
+    (dict(coverage_weight=float('nan')), 'coverage_weight must be a finite'),
     (dict(coverage_weight=0.5), 'pass attention_fn'),
   ],
 )

@@ -277,7 +277,8 @@ def test_location_score_refuses_longer_sources_when_traced():
   [
     (dict(beam_size=0), 'beam_size must be an integer >= 1'),
     (dict(beam_size=1.5), 'beam_size must be an integer >= 1'),
-    (dict(alpha=-0.5), 'alpha, the GNMT length-penalty exponent, must be >= 0'),
+    (dict(alpha=-0.5), 'alpha, the GNMT length-penalty exponent, must be a'),
+    (dict(alpha=float('nan')), 'must be a finite number >= 0 .*got nan'),
   ],
 )
 def test_bad_search_settings(kwargs, message):

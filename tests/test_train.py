@@ -629,7 +629,8 @@ def test_cli_beam_search(trained, capsys):
   'flags, message',
   [
     (['--beam_size', '0'], 'beam_size must be'),
-    (['--alpha', '-1'], 'alpha.* must be >= 0'),
+    (['--alpha', '-1'], 'alpha.* must be a finite number >= 0'),
+    (['--alpha', 'nan'], 'alpha.* must be a finite number >= 0 .*got nan'),
   ],
 )
 def test_cli_bad_search_flags(trained, capsys, flags, message):
