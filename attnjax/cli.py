@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     '--plot',
     metavar='PATH',
     default=None,
-    help='also write attention heatmaps there (see above)',
+    help='also write attention heatmaps there (see attnjax --help)',
   )
   _plot_flags(decode)
   _search_flags(decode)
@@ -73,13 +73,16 @@ def _parser() -> argparse.ArgumentParser:
   )
   evaluate.add_argument(
     '--num_examples',
-    type=int,
+    type=_at_least(1),
     default=None,
-    help="default: the config's data.heldout_size without --split (the "
-    'set scored during training), the whole split with it',
+    help="default: the config's data.heldout_size (the set scored during "
+    'training); a translation split named by --split is read whole',
   )
   evaluate.add_argument(
-    '--show', type=int, default=5, help='example predictions to print'
+    '--show',
+    type=_at_least(0),
+    default=5,
+    help='example predictions to print',
   )
   _search_flags(evaluate)
 
@@ -91,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     '--out',
     metavar='PATH',
     required=True,
-    help='the image file, e.g. attention.png (see above)',
+    help='the image file, e.g. attention.png (see attnjax --help)',
   )
   _plot_flags(plot)
   _search_flags(plot)
@@ -110,6 +113,23 @@ def _source_flags(parser: argparse.ArgumentParser, input_help: str) -> None:
     help='translation: an input longer than the model reads is an error '
     '(default) or is truncated',
   )
+
+
+def _at_least(minimum: int):
+  """An argparse type: an integer >= `minimum`."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = None
+    if value is None or value < minimum:
+      raise argparse.ArgumentTypeError(
+        f'must be an integer >= {minimum}; got {text!r}'
+      )
+    return value
+
+  return parse
 
 
 def _head(text: str) -> int | str:
@@ -210,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(exp, params, args: argparse.Namespace, search) -> None:
   from attnjax import train_lib
 
-  if args.num_examples is not None and args.num_examples < 1:
-    raise ValueError('--num_examples must be >= 1.')
   # Without --split, the set scored during training.
   result = train_lib.evaluate(
     exp,

@@ -21,13 +21,16 @@ import dataclasses
 import functools
 import pathlib
 import re
-from collections.abc import Sequence
+import textwrap
+import warnings
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib import font_manager, ft2font
 from matplotlib.figure import Figure
 
 from attnjax import decoding, train_lib
@@ -41,6 +44,10 @@ EOS_LABEL = '</s>'
 SPACE_LABEL = '\u2423'  # '␣'
 DPI = 100
 _CELL_INCHES = 0.4  # One weight's square.
+_TITLE_CHARS_PER_INCH = 11  # Of the medium-size title font, about.
+_TITLE_LINE_INCHES = 0.2
+# Writing .pgf needs a LaTeX installation, which a plot should not.
+_EXCLUDED_FORMATS = {'pgf'}
 _WEIGHTS_NAME = 'attention_weights'
 
 
@@ -336,7 +343,9 @@ def check_output_path(path) -> pathlib.Path:
       f'the directory {path.parent} of {path} does not exist; create it or '
       'write the plot elsewhere.'
     )
-  formats = sorted(Figure().canvas.get_supported_filetypes())
+  formats = sorted(
+    set(Figure().canvas.get_supported_filetypes()) - _EXCLUDED_FORMATS
+  )
   if path.suffix.lower().lstrip('.') not in formats:
     raise ValueError(
       f'{path} needs an image format suffix matplotlib writes: '
@@ -354,12 +363,52 @@ def output_paths(path, count: int) -> list[pathlib.Path]:
   return [path.with_name(f'{path.stem}_{i}{path.suffix}') for i in range(count)]
 
 
-def figure_size(rows: int, cols: int) -> tuple[float, float]:
+def figure_size(
+  rows: int, cols: int, title_lines: int = 1
+) -> tuple[float, float]:
   """(width, height) in inches of the plot of a `[rows, cols]` map: square
-  cells plus room for labels, title and colorbar."""
+  cells plus room for labels, a title of `title_lines` lines and the
+  colorbar."""
   width = max(4.0, 2.5 + _CELL_INCHES * cols)
   height = max(2.5, 1.6 + _CELL_INCHES * rows)
-  return width, height
+  return width, height + _TITLE_LINE_INCHES * max(title_lines - 1, 0)
+
+
+@functools.cache
+def _characters(font_path: str) -> frozenset[int]:
+  return frozenset(ft2font.FT2Font(font_path).get_charmap())
+
+
+def font_families(generic: str, texts: Iterable[str]) -> tuple[list[str], str]:
+  """`generic` ('monospace', 'sans-serif') followed by the installed fonts
+  that have the characters of `texts` it lacks (e.g. Chinese), for
+  matplotlib's per-character fallback; and the characters no installed font
+  has, which are drawn as boxes."""
+  primary = font_manager.FontProperties(family=[generic])
+  missing = {ord(c) for text in texts for c in text if c.isprintable()}
+  missing -= _characters(font_manager.findfont(primary))
+  families = [generic]
+  for font in font_manager.fontManager.ttflist:
+    if not missing:
+      break
+    # Last Resort draws a placeholder box for every character.
+    if font.name in families or font.name.startswith('Last Resort'):
+      continue
+    if found := missing & _characters(font.fname):
+      families.append(font.name)
+      missing -= found
+  return families, ''.join(sorted(map(chr, missing)))
+
+
+def _warn_missing(characters: str) -> None:
+  if characters:
+    more = ' and more' if len(characters) > 10 else ''
+    warnings.warn(
+      f'no installed font has the characters {characters[:10]!r}{more}; '
+      'they are drawn as boxes. Install a font that has them (for Chinese, '
+      "e.g. Debian's fonts-noto-cjk) and delete matplotlib's font cache.",
+      stacklevel=3,
+    )
 
 
 def plot_attention(
@@ -384,18 +433,34 @@ def plot_attention(
       f'{shape[1]} source labels they must be {shape}.'
     )
   path = check_output_path(path)
-  fig = Figure(figsize=figure_size(*shape), dpi=DPI, layout='constrained')
+  width, _ = figure_size(*shape)
+  # Wrapped to the figure's width: a sentence's title is wider than its map.
+  lines = textwrap.wrap(title or '', int(width * _TITLE_CHARS_PER_INCH))
+  fig = Figure(
+    figsize=figure_size(*shape, len(lines)), dpi=DPI, layout='constrained'
+  )
   ax = fig.add_subplot()
   image = ax.imshow(weights, cmap='viridis', vmin=0.0, vmax=1.0)
-  mono = {'fontfamily': 'monospace'}
-  ax.set_xticks(range(shape[1]), list(source_labels), **mono)
+  label_fonts, missing = font_families(
+    'monospace', [*source_labels, *output_labels]
+  )
+  mono = {'fontfamily': label_fonts}
+  # Subword pieces side by side would run into each other.
+  rotation = 90 if any(len(label) > 1 for label in source_labels) else 0
+  ax.set_xticks(range(shape[1]), list(source_labels), rotation=rotation, **mono)
   ax.set_yticks(range(shape[0]), list(output_labels), **mono)
   ax.set_xlabel('source')
   ax.set_ylabel('output')
   fig.colorbar(image, ax=ax, label='attention weight', shrink=0.9)
-  if title:
-    ax.set_title(title, fontsize='medium')
-  fig.savefig(path, dpi=DPI)
+  if lines:
+    title_fonts, title_missing = font_families('sans-serif', lines)
+    missing = ''.join(sorted(set(missing + title_missing)))
+    ax.set_title('\n'.join(lines), fontsize='medium', fontfamily=title_fonts)
+  _warn_missing(missing)
+  with warnings.catch_warnings():
+    # Reported once above, not once per character.
+    warnings.filterwarnings('ignore', 'Glyph .* missing from font')
+    fig.savefig(path, dpi=DPI)
   return path
 
 

@@ -243,7 +243,15 @@ def load_config(workdir) -> ml_collections.ConfigDict:
       f'{path} not found: --workdir must be a directory written by train.py '
       '(it saves its config there).'
     )
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    fields = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(
+      f'{path} is not valid JSON ({e}); it was damaged after train.py wrote '
+      'it. Restore it from a copy of the workdir, or rewrite it from the '
+      'config the run was trained with.'
+    ) from None
+  return ml_collections.ConfigDict(fields)
 
 
 # ---------------------------------------------------------------------------
@@ -941,8 +949,13 @@ def load_trained(
   does with an input longer than the model's maximum.
   """
   workdir = pathlib.Path(workdir)
-  if not workdir.is_dir():
+  if not workdir.exists():
     raise FileNotFoundError(f'workdir {workdir} does not exist.')
+  if not workdir.is_dir():
+    raise FileNotFoundError(
+      f'workdir {workdir} is a file; give the directory train.py wrote '
+      f'(e.g. {workdir.parent}).'
+    )
   config = load_config(workdir)
   with config.unlocked():
     if long_input is not None:

@@ -111,6 +111,17 @@ def test_addition_examples_have_the_exact_format(n_numbers, largest):
   assert any(source.startswith(' ') for source, _ in examples)
 
 
+def test_addition_questions_are_written_as_in_training():
+  task = synthetic.addition()
+  encode = task.vocab.encode
+  assert task.prepare_source('123+456') == encode('123+456')
+  assert task.prepare_source(' 7+8 ') == encode('    7+8')
+  assert task.prepare_source('007+008') == encode('    7+8')
+  for bad in ('1234+5', '7+8+9', '1 + 2', '+', '12+'):
+    with pytest.raises(ValueError, match='not a question of this addition'):
+      task.prepare_source(bad)
+
+
 def test_addition_draws_cover_the_range():
   task = synthetic.addition(n_numbers=2, largest=9)
   numbers = set()

@@ -324,7 +324,42 @@ def test_plot_attention_refuses_bad_arguments(tmp_path):
     plotting.plot_attention(weights, *labels, tmp_path / 'a.txt')
   with pytest.raises(ValueError, match='format suffix'):
     plotting.plot_attention(weights, *labels, tmp_path / 'attention')
+  # matplotlib lists .pgf, but writing it needs LaTeX.
+  with pytest.raises(ValueError, match='format suffix'):
+    plotting.plot_attention(weights, *labels, tmp_path / 'a.pgf')
   assert not list(tmp_path.iterdir())
+
+
+def test_long_titles_wrap_and_the_figure_grows(tmp_path):
+  weights = np.full((2, 3), 1 / 3, np.float32)
+  title = ' '.join(['a long sentence'] * 12)
+  path = plotting.plot_attention(
+    weights, ['▁Zwei', '▁Hunde', '.'], ['x', 'y'], tmp_path / 'a.png', title
+  )
+  height, width = _read_png(path).shape[:2]
+  lines = 180 // int(4.0 * 11) + 1  # 4-inch figure, 11 characters per inch
+  assert (height, width) == (
+    round((2.5 + 0.2 * (lines - 1)) * plotting.DPI),
+    4 * plotting.DPI,
+  )
+
+
+def test_characters_no_font_has_are_named_once(tmp_path):
+  """One warning for the characters no installed font draws (here a rare
+  script's), instead of matplotlib's one per character and text."""
+  rare = '\U00011a00\U00011a01'  # Zanabazar Square
+  families, missing = plotting.font_families('monospace', ['ab' + rare])
+  if not missing:
+    pytest.skip(f'an installed font has Zanabazar Square: {families}')
+  assert missing == rare and families == ['monospace']
+  weights = np.full((2, 2), 0.5, np.float32)
+  with pytest.warns(UserWarning) as record:
+    plotting.plot_attention(
+      weights, list(rare), ['x', 'y'], tmp_path / 'a.png', title=rare
+    )
+  assert len(record) == 1
+  expected = f'no installed font has the characters {rare!r}; '
+  assert str(record[0].message).startswith(expected)
 
 
 def test_output_paths():

@@ -436,6 +436,30 @@ def test_cli_missing_workdir(tmp_path, capsys):
   missing = tmp_path / 'nope'
   assert cli.main(['evaluate', '--workdir', str(missing)]) == 2
   assert 'does not exist' in capsys.readouterr().err
+  a_file = tmp_path / 'config.json'
+  a_file.write_text('{')
+  assert cli.main(['evaluate', '--workdir', str(a_file)]) == 2
+  assert f'workdir {a_file} is a file' in capsys.readouterr().err
+  # The file as a workdir's damaged config.
+  assert cli.main(['evaluate', '--workdir', str(tmp_path)]) == 2
+  assert f'{a_file} is not valid JSON' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  'flag, value, message',
+  [
+    ('--show', '-1', 'must be an integer >= 0'),
+    ('--num_examples', '0', 'must be an integer >= 1'),
+    ('--num_examples', 'many', "must be an integer >= 1; got 'many'"),
+  ],
+)
+def test_cli_evaluate_bad_counts_fail_before_loading(
+  tmp_path, capsys, flag, value, message
+):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(['evaluate', '--workdir', str(tmp_path / 'nope'), flag, value])
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

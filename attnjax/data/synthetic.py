@@ -232,8 +232,9 @@ class Task(abc.ABC):
       limit = total * HELDOUT_PER_MILLE // 1000 // 2
       if n > limit:
         raise ValueError(
-          f'{self!r} has about {2 * limit} held-out examples; ask for '
-          f'n <= {limit}.'
+          f'{self!r} has about {2 * limit} held-out examples, of which at '
+          f'most half, {limit}, are drawn (more would take ever longer to '
+          f'find); ask for n <= {limit}.'
         )
       sources, seen = [], set()
       while len(sources) < n:
@@ -302,13 +303,14 @@ class AdditionTask(Task):
     return text.strip().rjust(self.source_width)
 
   def prepare_source(self, text: str) -> list[int]:
-    """Token ids of a user-given question such as '123+456'.
+    """Token ids of a user-given question such as '123+456', written as
+    the training questions are ('007+8' as '7+8').
 
     Raises:
       ValueError: as `Task.prepare_source`, or a question that is not
         `n_numbers` numbers from 0 to `largest` joined by '+'.
     """
-    ids = super().prepare_source(text)
+    super().prepare_source(text)  # Blank, unknown characters, too long.
     terms = text.strip().split('+')
     if len(terms) != self.n_numbers or not all(
       term.isdigit() and int(term) <= self.largest for term in terms
@@ -321,7 +323,7 @@ class AdditionTask(Task):
         f'{self.n_numbers} numbers from 0 to {self.largest} joined by '
         f"'+', without spaces, e.g. {example!r}."
       )
-    return ids
+    return self.vocab.encode(self._format([int(term) for term in terms]))
 
   def _format(self, numbers: list[int]) -> str:
     return '+'.join(map(str, numbers)).rjust(self.source_width)
