@@ -1,8 +1,8 @@
 """Seq2seq train-step throughput beside the PyTorch peer.
 
   python bench/seq2seq_throughput.py --torch_python=/path/to/venv/bin/python
-      [--models=lstm,bahdanau,transformer] [--rounds=3] [--steps=10]
-      [--unroll=1] [--profile]
+      [--models=lstm,bahdanau,bahdanau_linear_readout,transformer]
+      [--rounds=3] [--steps=10] [--unroll=1] [--profile] [--peer=PATH]
 
 The sizes are those of `../shared/bench/torch_seq2seq_bench.py` (the PyTorch
 seq2seq tutorials on Multi30k): vocabularies 7853 / 5893, batch 128, source
@@ -11,11 +11,17 @@ and target length 24, Adam 5e-4 with a global-norm clip of 1.
 - `lstm`: `sutskever`, embeddings 256, 2 x 512 LSTM encoder and decoder,
   dropout 0.5;
 - `bahdanau`: `bahdanau`, embeddings 256, bidirectional GRU 512 encoder,
-  GRU 512 decoder, additive attention (H = 512), dropout 0.5;
+  GRU 512 decoder, additive attention (H = 512), dropout 0.5. Its output
+  layer is the paper's maxout (512 units, then the vocabulary), about half
+  the arithmetic of the peer's one linear map of [s; c; e] (1,792 wide);
+- `bahdanau_linear_readout`: the same with the peer's output layer, a
+  like-for-like comparison (timed beside the peer's `bahdanau`);
 - `transformer`: `attnjax.models.transformer.Transformer`, d_model 256,
-  3 + 3 post-LN layers, 8 heads, feed-forward 512, dropout 0.1, learned
-  positions (max_len 100), separate source and target embeddings and output
-  projection (the peer's `nn.Transformer`).
+  3 + 3 post-LN layers, 8 heads, feed-forward 512, learned positions
+  (max_len 100), separate source and target embeddings and output projection,
+  and dropout 0.1 where the peer's `nn.Transformer` has it: sublayer outputs,
+  attention weights and feed-forward activations (ours also drops the
+  embeddings, the peer does not).
 
 Each round times `--steps` of our jitted train step (`train_lib.train_step`:
 forward, backward, update; after two warm-up steps) and then runs the peer
@@ -67,17 +73,29 @@ RNN_MODELS = {
     decoder='bahdanau', cell='gru', embed_dim=256, hidden_dim=512,
     bidirectional=True,
   ),
+  'bahdanau_linear_readout': dict(
+    decoder='bahdanau_linear_readout', cell='gru', embed_dim=256,
+    hidden_dim=512, bidirectional=True,
+  ),
 }  # fmt: skip
 TRANSFORMER = dict(
   d_model=256, num_heads=8, num_encoder_layers=3, num_decoder_layers=3,
-  mlp_dim=512, dropout_rate=0.1, max_len=100, positions='learned',
+  mlp_dim=512, dropout_rate=0.1, attention_dropout_rate=0.1,
+  mlp_dropout_rate=0.1, max_len=100, positions='learned',
 )  # fmt: skip
 MODELS = (*RNN_MODELS, 'transformer')
+# Our model -> the peer's model it is timed beside.
+PEER_MODELS = {'bahdanau_linear_readout': 'bahdanau'}
 # XLA CPU thunks that compute matrix products: YNNPACK and XNNPACK fusions
 # (some with a fused reduction) and Eigen's dots.
 MATMUL_THUNKS = ('ynn_fusion', 'xnn_fusion', 'dot', 'dot_general')
-PEER = pathlib.Path(__file__).resolve().parents[2] / (
-  'shared/bench/torch_seq2seq_bench.py'
+_PEER = flags.DEFINE_string(
+  'peer',
+  str(
+    pathlib.Path(__file__).resolve().parents[2]
+    / 'shared/bench/torch_seq2seq_bench.py'
+  ),
+  'The PyTorch peer program.',
 )
 
 _MODELS = flags.DEFINE_list('models', list(MODELS), 'Models to measure.')
@@ -90,6 +108,18 @@ _PROFILE = flags.DEFINE_bool(
 _TORCH = flags.DEFINE_string(
   'torch_python', '', 'Python of a virtual environment with torch.'
 )
+
+
+class _LinearReadoutBahdanau(seq2seq.BahdanauDecoder):
+  """Bahdanau with the peer's output layer: logits = W [s; E y; c] + b, one
+  linear map of the 1,792-wide features instead of the maxout."""
+
+  def readout(self, features, *, train=False):
+    features = self.dropout(features, deterministic=not train)
+    return self.output_proj(features)
+
+
+seq2seq.DECODERS['bahdanau_linear_readout'] = _LinearReadoutBahdanau
 
 
 def _make_model(name: str):
@@ -125,6 +155,7 @@ def _make_step(name: str):
   params = jax.jit(
     lambda key: model.init(key, batch['inputs'], batch['targets'], train=False)
   )(jax.random.key(0))['params']
+  # The peer's optimizer: Adam 5e-4 after a global-norm clip of 1.
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(5e-4))
   state = train_lib.TrainState.create(
     apply_fn=model.apply, params=params, tx=tx
@@ -322,7 +353,8 @@ def _profile(name, step, state, batch):
 
 
 def _peer(name: str) -> float:
-  command = [_TORCH.value, str(PEER), name, str(LENGTH), str(LENGTH)]
+  peer = PEER_MODELS.get(name, name)
+  command = [_TORCH.value, _PEER.value, peer, str(LENGTH), str(LENGTH)]
   out = subprocess.run(
     [*command, str(_STEPS.value)], capture_output=True, text=True, check=True
   ).stdout
@@ -358,14 +390,13 @@ def main(argv):
   print('|---' * header.count(' | ') + '|---|')
   for name, n_params, ours, peers, bound in rows:
     mine = statistics.median(ours)
-    peer = statistics.median(peers) if peers else float('nan')
-    row = (
-      f'| {name} | {n_params / 1e6:.1f}M | {mine:,.0f} | {peer:,.0f} | '
-      f'{mine / peer:.2f}x |'
-    )
+    peer = statistics.median(peers) if peers else None
+    cells = [name, f'{n_params / 1e6:.1f}M', f'{mine:,.0f}']
+    cells += [f'{peer:,.0f}', f'{mine / peer:.2f}x'] if peer else ['-', '-']
     if _PROFILE.value:
-      row += f' {bound:,.0f} | {bound / peer:.2f}x |'
-    print(row)
+      cells.append(f'{bound:,.0f}')
+      cells.append(f'{bound / peer:.2f}x' if peer else '-')
+    print('| ' + ' | '.join(cells) + ' |')
 
 
 if __name__ == '__main__':

@@ -44,6 +44,7 @@ def transformer_config() -> ml_collections.ConfigDict:
   model.mlp_dim = 512  # Feed-forward hidden width.
   model.dropout_rate = 0.1  # Embedding and sublayer-output dropout.
   model.attention_dropout_rate = 0.0  # Dropout on attention weights.
+  model.mlp_dropout_rate = 0.0  # Dropout inside the feed-forward networks.
   model.positions = 'sinusoidal'  # 'sinusoidal' or 'learned'.
   model.pre_ln = False  # Layer norm before sublayers (else after, as paper).
   model.share_embeddings = True  # Source/target/output embeddings tied.

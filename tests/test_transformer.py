@@ -355,6 +355,41 @@ def test_dropout_and_bfloat16():
   assert not np.allclose(a, b)
 
 
+@pytest.mark.parametrize(
+  'rate', ['dropout_rate', 'attention_dropout_rate', 'mlp_dropout_rate', None]
+)
+def test_each_dropout_acts_alone_and_only_in_training(rate):
+  config = _config(
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+    mlp_dropout_rate=0.0,
+  )
+  if rate:
+    config = dataclasses.replace(config, **{rate: 0.5})
+  model = Transformer(config)
+  inputs, targets = _batch()
+  variables = jit(functools.partial(model.init, train=False))(
+    jax.random.key(0), inputs, targets
+  )
+
+  @functools.partial(jit, static_argnames='train')
+  def forward(rng, train):
+    return model.apply(
+      variables, inputs, targets, train=train, rngs={'dropout': rng}
+    )
+
+  evaluated = forward(jax.random.key(1), False)
+  np.testing.assert_array_equal(forward(jax.random.key(2), False), evaluated)
+  trained = forward(jax.random.key(1), True)
+  if rate:
+    assert np.abs(trained - evaluated).max() > 1e-2
+    assert not np.allclose(forward(jax.random.key(2), True), trained)
+  else:
+    np.testing.assert_allclose(trained, evaluated, atol=1e-6)
+
+
 def test_decoding_past_the_cache_is_an_error():
   model, variables, (inputs, _), *_ = _compiled(VARIANTS[0])
   limit = model.config.max_len

@@ -68,6 +68,8 @@ class TransformerConfig:
     dropout_rate: dropout on the embeddings and on every sublayer's output,
       when training.
     attention_dropout_rate: dropout on the attention weights, when training.
+    mlp_dropout_rate: dropout on the feed-forward networks' hidden
+      activations (after the ReLU), when training.
     max_len: longest source or target sequence (the positions and the
       decoding cache are this long).
     positions: 'sinusoidal' or 'learned' position embeddings.
@@ -91,6 +93,7 @@ class TransformerConfig:
   mlp_dim: int = 2048
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
+  mlp_dropout_rate: float = 0.0
   max_len: int = 256
   positions: str = 'sinusoidal'
   pre_ln: bool = False
@@ -117,7 +120,9 @@ class TransformerConfig:
       minimum=1,
     )
     checks.bools(self, ('pre_ln', 'share_embeddings'))
-    checks.rates(self, ('dropout_rate', 'attention_dropout_rate'))
+    checks.rates(
+      self, ('dropout_rate', 'attention_dropout_rate', 'mlp_dropout_rate')
+    )
     checks.special_ids(self)
     if self.d_model % self.num_heads:
       raise ValueError(
@@ -209,12 +214,13 @@ def _layer_norm(config: TransformerConfig, **kwargs) -> nn.LayerNorm:
 
 
 class FeedForward(nn.Module):
-  """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2."""
+  """FFN(x) = drop(max(0, x W_1 + b_1)) W_2 + b_2, the dropout
+  (`mlp_dropout_rate`) only when training."""
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
     config = self.config
     dense = functools.partial(nn.Dense, dtype=config.dtype)
     wi = dense(
@@ -229,7 +235,8 @@ class FeedForward(nn.Module):
       bias_init=_bias_init(('embed',)),
       name='wo',
     )
-    return _flat(wo, nn.relu(_flat(wi, x)))
+    dropout = nn.Dropout(config.mlp_dropout_rate, deterministic=not train)
+    return _flat(wo, dropout(nn.relu(_flat(wi, x))))
 
 
 class Sublayer(nn.Module):
@@ -269,8 +276,9 @@ class EncoderLayer(nn.Module):
       lambda h: attention(h, mask=mask, deterministic=not train),
       train=train,
     )
+    mlp = FeedForward(config, name='mlp')
     return Sublayer(config, name='mlp_block')(
-      x, FeedForward(config, name='mlp'), train=train
+      x, lambda h: mlp(h, train=train), train=train
     )
 
 
@@ -411,7 +419,7 @@ class DecoderLayer(nn.Module):
       return out
 
     x = self.cross_block(x, cross_attend, train=train)
-    x = self.mlp_block(x, self.mlp, train=train)
+    x = self.mlp_block(x, lambda h: self.mlp(h, train=train), train=train)
     return x, new_cache, cross_weights
 
 
