@@ -8,8 +8,9 @@
 
 Each variant (see `configs/base.py` VARIANTS) trains from scratch with
 `configs/<task>.py:<variant>` in `<workdir_root>/<task>/<variant>`; the table
-gives the held-out exact match on the config's held-out set (10,000 examples)
-and the wall-clock time of the whole run (compilation and evaluations
+gives the held-out exact match on the config's held-out set (its
+`data.heldout_size`: 10,000 for addition, 2,000 for reverse and copy) and
+the wall-clock time of the whole run (compilation and evaluations
 included). Rows are appended to `<workdir_root>/<task>/results.jsonl` as
 they finish; the table lists the latest row of every variant in that file, so
 an interrupted sweep can be finished by running the remaining variants.
@@ -32,6 +33,7 @@ from absl import app, flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from attnjax import train_lib  # noqa: E402
+from attnjax.models import seq2seq  # noqa: E402
 from attnjax.training import checkpoints  # noqa: E402
 from configs import base  # noqa: E402
 
@@ -54,11 +56,19 @@ _INPUT = flags.DEFINE_string('input', '', 'The source of the heatmap.')
 
 
 def _describe(name: str) -> str:
+  """The variant's decoder, with the score and alignment it resolves to
+  (e.g. 'bahdanau normed_additive, monotonic')."""
   fields = base.VARIANTS[name]
-  parts = [fields['decoder']]
-  parts += [str(fields[k]) for k in ('score', 'alignment') if k in fields]
-  if fields.get('reverse_source'):
-    parts.append('reversed source')
+  config = seq2seq.Seq2SeqConfig(
+    source_vocab_size=4, target_vocab_size=4, max_source_len=64, **fields
+  )
+  parts = [config.decoder]
+  if config.decoder in seq2seq.ATTENTION_DECODERS:
+    parts.append(config.attention_score)
+    if config.alignment != 'soft':
+      parts[-1] += f', {config.alignment}'
+  if config.reverse_source:
+    parts.append('(reversed source)')
   return ' '.join(parts)
 
 

@@ -1,15 +1,17 @@
 """Train-step throughput of a config, sharded jit vs plain jit.
 
-  python bench/train_step.py --config=configs/addition.py [--steps=50]
-      [--config.batch_size=...] [--workdir=DIR]
+  python bench/train_step.py --config=configs/addition.py [--steps=30]
+      [--rounds=5] [--config.batch_size=...] [--workdir=DIR]
 
 Translation configs train (or load) their vocabularies in --workdir (a
 temporary directory by default).
 
 Prints steps/s and target tokens/s of `train_lib.make_train_step` (jit with
 in/out shardings over the config's mesh, donated state) and of a plain
-`jax.jit` of the same step function on one device, measured in alternating
-rounds so machine noise hits both alike.
+`jax.jit` of the same step function on one device (only when the mesh has
+one device), measured in alternating rounds so machine noise hits both
+alike. Each round cycles through the same 4 batches, a multiple of 4 steps
+(--steps rounded up), so the tokens per step are those of the 4.
 """
 
 import functools
@@ -38,14 +40,15 @@ _WORKDIR = flags.DEFINE_string(
   'workdir', '', 'Where a translation task keeps its vocabularies.'
 )
 flags.mark_flag_as_required('config')
+_BATCHES = 4  # Distinct batches each round cycles through.
 
 
 def _time_steps(step_fn, state, batches, rng, steps):
   start = time.perf_counter()
   for i in range(steps):
-    state, sums = step_fn(state, batches[i % len(batches)], rng)
+    state, _ = step_fn(state, batches[i % len(batches)], rng)
   jax.block_until_ready(state)
-  return state, time.perf_counter() - start, float(sums['tokens'])
+  return state, time.perf_counter() - start
 
 
 def main(argv):
@@ -54,7 +57,8 @@ def main(argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='attnjax-bench-')
   exp = train_lib.Experiment.create(config, workdir)
   iterator = exp.train_iterator()
-  local = [next(iterator) for _ in range(4)]
+  local = [next(iterator) for _ in range(_BATCHES)]
+  steps = -(-_STEPS.value // _BATCHES) * _BATCHES
   tokens = float(
     np.mean([(b['targets'] != vocab_lib.PAD_ID).sum() for b in local])
   )
@@ -80,24 +84,25 @@ def main(argv):
 
   # Compile (once per batch shape: translation batches come in buckets) and
   # warm up both.
-  warmup = len(local)
-  sharded_state, _, _ = _time_steps(
-    sharded_fn, sharded_state, sharded_batches, rng, warmup
+  plain = exp.mesh.size == 1
+  sharded_state, _ = _time_steps(
+    sharded_fn, sharded_state, sharded_batches, rng, _BATCHES
   )
-  plain_state, _, _ = _time_steps(
-    plain_fn, plain_state, plain_batches, rng, warmup
-  )
+  if plain:
+    plain_state, _ = _time_steps(
+      plain_fn, plain_state, plain_batches, rng, _BATCHES
+    )
   times = {'sharded jit': [], 'plain jit': []}
   for _ in range(_ROUNDS.value):
-    sharded_state, t, _ = _time_steps(
-      sharded_fn, sharded_state, sharded_batches, rng, _STEPS.value
+    sharded_state, t = _time_steps(
+      sharded_fn, sharded_state, sharded_batches, rng, steps
     )
-    times['sharded jit'].append(t / _STEPS.value)
-    if exp.mesh.size == 1:
-      plain_state, t, _ = _time_steps(
-        plain_fn, plain_state, plain_batches, rng, _STEPS.value
+    times['sharded jit'].append(t / steps)
+    if plain:
+      plain_state, t = _time_steps(
+        plain_fn, plain_state, plain_batches, rng, steps
       )
-      times['plain jit'].append(t / _STEPS.value)
+      times['plain jit'].append(t / steps)
 
   print(
     f'jax {jax.__version__}, {jax.devices()[0].platform} x '

@@ -73,7 +73,8 @@ def main(argv):
       rows.append(
         (
           workdir.name,
-          f'{n_params / 1e6:.1f}M',
+          f'{n_params / 1e6:.{1 if n_params >= 1e6 else 3}f}M',
+          str(result['num_examples']),
           f'{steps} ({seconds / 60:.0f} min)',
           str(beam),
           f'{result["bleu"]:.2f}',
@@ -90,11 +91,11 @@ def main(argv):
       )
       for source, output in zip(_INPUTS.value, outputs, strict=True):
         print(f'{workdir.name} (beam {beam}): {source} -> {output}')
-  n = result['num_examples']
-  print(f'\n{_SPLIT.value} split, {n} sentences; alpha {_ALPHA.value}\n')
+  print(f'\n{_SPLIT.value} split; alpha {_ALPHA.value}\n')
   header = (
     'workdir',
     'params',
+    'sentences',
     'train steps (time)',
     'beam',
     'bleu',
