@@ -237,7 +237,8 @@ def describe(layer: int | None, head: int | None) -> str:
   )
 
 
-# An untrained model may emit PAD or BOS before EOS; they must show too.
+# The searches never emit PAD or BOS, but a source can hold any id, and
+# labels are drawn for whatever a map is given.
 _SPECIAL_LABELS = {
   vocab_lib.PAD_ID: '<pad>',
   vocab_lib.BOS_ID: '<s>',

@@ -84,9 +84,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   def is_int(field: str, minimum: int, maximum: int | None = None) -> None:
     value = _lookup(config, field)
-    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = isinstance(value, int | np.integer) and not isinstance(value, bool)
     ok = ok and value >= minimum and (maximum is None or value <= maximum)
-    bounds = f'>= {minimum}' if maximum is None else f'in [0, {maximum}]'
+    bounds = f'in [{minimum}, {maximum}]' if maximum else f'>= {minimum}'
     need(ok, field, f'an integer {bounds}')
 
   for field in (
@@ -206,11 +206,30 @@ def _changed_fields(config: ml_collections.ConfigDict, workdir) -> list[str]:
     return []
   saved = _flat(json.loads(path.read_text()))
   current = _flat(json.loads(config.to_json_best_effort()))
+  # A model field added since the workdir was written is not a change
+  # when the config leaves it at the default the old model was built with.
+  for key, default in _model_defaults(saved).items():
+    if key in current and key not in saved:
+      saved[key] = default
   return [
     f'{key}: {saved.get(key)!r} -> {current.get(key)!r}'
     for key in sorted(set(saved) | set(current))
     if saved.get(key) != current.get(key)
   ]
+
+
+def _model_defaults(flat_config: dict[str, Any]) -> dict[str, Any]:
+  """{'model.<field>': default} of the model config class `flat_config`
+  names, for the fields that have a JSON-typed default."""
+  architecture = flat_config.get('model.architecture', 'rnn')
+  config_class = ARCHITECTURES.get(architecture)
+  if config_class is None:
+    return {}
+  return {
+    f'model.{field.name}': field.default
+    for field in dataclasses.fields(config_class)
+    if isinstance(field.default, bool | int | float | str)
+  }
 
 
 def check_config_matches(config: ml_collections.ConfigDict, workdir) -> None:
@@ -356,9 +375,9 @@ class Experiment:
     """`heldout()`, kept for the evaluations during training."""
     try:
       return self.heldout()
-    except ValueError as e:
+    except synthetic.HeldoutTooLarge as e:
       size = self.config.data.heldout_size
-      raise ValueError(
+      raise synthetic.HeldoutTooLarge(
         f'config.data.heldout_size={size} is too large: {e} Set '
         '--config.data.heldout_size to at most that.'
       ) from None

@@ -142,6 +142,22 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   )
 
 
+def test_an_error_during_training_still_finishes_the_checkpoint(
+  tmp_path, monkeypatch
+):
+  """The evaluation right after the step-10 save fails; the checkpoint
+  being written in the background is still completed."""
+
+  def failing_evaluate(*args, **kwargs):
+    raise RuntimeError('evaluation failed')
+
+  monkeypatch.setattr(train_lib, 'evaluate', failing_evaluate)
+  with pytest.raises(RuntimeError, match='evaluation failed'):
+    train_lib.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert checkpoints.latest_step(tmp_path) == 10
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['10']
+
+
 def test_resumed_logs_equal_the_uninterrupted_ones(tmp_path):
   """Killed after step 10 (its last checkpoint step 8), with log windows
   that straddle checkpoints: the resumed run logs what the other did."""
@@ -526,6 +542,22 @@ def test_workdir_of_a_different_model_is_refused(trained, tmp_path):
   config = tiny_config(**{'model.hidden_dim': 32})
   with pytest.raises(ValueError, match='model.hidden_dim: 16 -> 32'):
     train_lib.train_and_evaluate(config, str(workdir))
+
+
+def test_workdir_from_before_a_new_model_field_still_resumes(trained, tmp_path):
+  """A workdir whose config.json predates a model field (here
+  reverse_source) resumes when the config leaves that field at its default,
+  and is refused when it does not."""
+  workdir, _ = trained
+  old = tmp_path / 'old'
+  shutil.copytree(workdir, old)
+  saved = json.loads((old / 'config.json').read_text())
+  del saved['model']['reverse_source']
+  (old / 'config.json').write_text(json.dumps(saved))
+  train_lib.check_config_matches(tiny_config(), old)
+  config = tiny_config(**{'model.reverse_source': True})
+  with pytest.raises(ValueError, match='model.reverse_source: False -> True'):
+    train_lib.check_config_matches(config, old)
 
 
 def test_reverse_config_trains_and_decodes(tmp_path):

@@ -43,6 +43,10 @@ _ENUMERATE_LIMIT = 200_000
 ADDITION_ALPHABET = '0123456789+ '
 
 
+class HeldoutTooLarge(ValueError):
+  """More held-out examples asked for than a task has."""
+
+
 def _check_int(value: Any, field: str, minimum: int, fix: str) -> int:
   """Returns `value` as an int if it is an integer >= `minimum`."""
   if isinstance(value, bool) or not isinstance(value, int | np.integer):
@@ -210,8 +214,8 @@ class Task(abc.ABC):
     spaces are sampled like training draws, skipping repeats.
 
     Raises:
-      ValueError: fewer than `n` held-out examples exist; the message says
-        how many do.
+      HeldoutTooLarge: fewer than `n` held-out examples exist; the message
+        says how many do.
     """
     n = _check_int(n, 'n', 0, 'pass the number of examples wanted.')
     rng = random.Random(_partition_salt(self.name))
@@ -219,7 +223,7 @@ class Task(abc.ABC):
     if total <= _ENUMERATE_LIMIT:
       pool = [s for s in self._all_sources() if self.is_heldout(s)]
       if n > len(pool):
-        raise ValueError(
+        raise HeldoutTooLarge(
           f'{self!r} has only {len(pool)} held-out examples (of {total} '
           f'possible sources); ask for n <= {len(pool)} or enlarge the input '
           'space.'
@@ -231,7 +235,7 @@ class Task(abc.ABC):
       # number of held-out sources so that distinct ones remain easy to find.
       limit = total * HELDOUT_PER_MILLE // 1000 // 2
       if n > limit:
-        raise ValueError(
+        raise HeldoutTooLarge(
           f'{self!r} has about {2 * limit} held-out examples, of which at '
           f'most half, {limit}, are drawn (more would take ever longer to '
           f'find); ask for n <= {limit}.'
