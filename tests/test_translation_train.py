@@ -261,6 +261,47 @@ def test_reused_vocabularies_must_fit_the_config(tfds_dir, tmp_path, caplog):
   assert "train_split='train[:500]'" in caplog.text
 
 
+class _FakeTask:
+  """A task of made-up pairs: a source of `n` ids, its target with EOS."""
+
+  def __init__(self, source_lengths, **fields):
+    self.data = parallel.TranslationData(task='multi30k', **fields)
+    self.sources = [np.full(n, 7, np.int32) for n in source_lengths]
+    self.targets = [np.append(s, EOS_ID).astype(np.int32) for s in self.sources]
+
+  def train_ids(self):
+    return self.sources, self.targets
+
+
+@pytest.mark.parametrize(
+  'source_lengths, shapes',
+  [
+    # The longest bucket holds 5 pairs, fewer than a batch of 8: they join
+    # the bucket before it, at the longest shape.
+    ([2] * 40 + [6] * 40 + [12] * 5, {4: 40, 16: 45}),
+    # A short middle bucket joins the next longer one.
+    ([2] * 40 + [6] * 3 + [12] * 40, {4: 40, 16: 43}),
+  ],
+)
+def test_buckets_smaller_than_a_batch_are_still_trained_on(
+  source_lengths, shapes
+):
+  fake = _FakeTask(
+    source_lengths, buckets=(4, 8, 16), max_source_len=16, max_target_len=16
+  )
+  plan = parallel._BatchPlan(fake, 8)
+  assert {
+    s: len(m) for (s, _), m in zip(plan.shapes, plan.buckets, strict=True)
+  } == shapes
+  seen = set()
+  for epoch in range(30):
+    for bucket, members in plan.epoch(epoch):
+      (width, _) = plan.shapes[bucket]
+      assert all(len(fake.targets[i]) <= width for i in members)
+      seen.update(members.tolist())
+  assert seen == set(range(len(source_lengths)))
+
+
 def test_batch_larger_than_every_bucket_is_refused(task):
   with pytest.raises(ValueError, match='lower batch_size'):
     task.train_dataset(global_batch_size=10_000)

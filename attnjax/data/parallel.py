@@ -9,12 +9,15 @@ reuse of the workdir, loads them from there.
 
 Training pipeline (`train_dataset`). The tokenised training pairs are
 grouped by length into a few buckets; every batch comes from one bucket and
-is padded to its length, so the train step sees only `len(buckets)` static
-shapes. Epoch `e` shuffles each bucket with the seed `(seed, e)`, cuts it
-into full batches (the remainder, fewer than a batch per bucket, sits this
-epoch out; different pairs every epoch) and shuffles the order of all
-batches. Every epoch has the same number of batches, so global batch `k` is
-a pure function of `k`: as for the synthetic tasks, the dataset is a
+is padded to its length, so the train step sees at most `len(buckets)`
+static shapes. A bucket with fewer pairs than one batch would never fill
+one, so its pairs join the next longer bucket (the last such bucket joins
+the one before it, whose batches then take the last bucket's shape). Epoch
+`e` shuffles each bucket with the seed `(seed, e)`, cuts it into full batches
+(the remainder, fewer than a batch per bucket, sits this epoch out;
+different pairs every epoch) and shuffles the order of all batches. Every
+epoch has the same number of batches, so global batch `k` is a pure
+function of `k`: as for the synthetic tasks, the dataset is a
 `grain.MapDataset` over step indices, its iterator's state is the next index
 (checkpointed with the model), and process `p` reads rows
 `p * local ... (p + 1) * local` of every global batch.
@@ -80,7 +83,8 @@ class TranslationData:
     buckets: increasing lengths; a training pair goes to the first bucket
       that fits both sides, and its batch is padded to that length (capped
       by the maxima above). The last bucket's batches are padded to the
-      maxima, and take the pairs longer than every bucket.
+      maxima, and take the pairs longer than every bucket. A bucket with
+      fewer pairs than a batch is merged into its neighbour (logged).
     long_input: what `prepare_source` does with an over-long input: 'error'
       or 'truncate' (with a warning).
     on_bad_utf8, on_bad_line: 'error' or 'skip' (with a logged count) for
@@ -586,6 +590,32 @@ def _bucket_len(length: int, buckets: Sequence[int], cap: int) -> int:
   return cap
 
 
+def _merge_small_buckets(
+  members: list[np.ndarray], batch_size: int
+) -> list[tuple[np.ndarray, int]]:
+  """Merges the buckets that cannot fill one batch into a neighbour.
+
+  `members[b]` are the pair indices of bucket `b`. Returns `(indices, b)`
+  per merged bucket, `b` being the longest bucket in it (which sets its
+  shape). A short bucket joins the next longer one, where its pairs fit; a
+  short last bucket joins the one before it. Buckets that already fill a
+  batch are returned unchanged, so is their order.
+  """
+  groups, pending = [], []
+  for b, indices in enumerate(members):
+    pending.append(indices)
+    if sum(map(len, pending)) >= batch_size:
+      groups.append((np.sort(np.concatenate(pending)), b))
+      pending = []
+  if sum(map(len, pending)):  # The longest pairs, too few for a batch.
+    last = len(members) - 1
+    if groups:
+      indices, _ = groups.pop()
+      pending.append(indices)
+    groups.append((np.sort(np.concatenate(pending)), last))
+  return groups
+
+
 class _BatchPlan:
   """Which training pairs make up each batch of each epoch."""
 
@@ -601,35 +631,46 @@ class _BatchPlan:
     edges = np.asarray(data.buckets)
     # A pair longer than every bucket goes to the last, at the maxima.
     which = np.minimum(np.searchsorted(edges, lengths), len(edges) - 1)
-    self.buckets = [np.flatnonzero(which == b) for b in range(len(edges))]
+    members = [np.flatnonzero(which == b) for b in range(len(edges))]
+    if len(sources) < global_batch_size:
+      raise ValueError(
+        f'batch_size={global_batch_size} is larger than the {len(sources)} '
+        'training pairs; lower batch_size or use more training pairs.'
+      )
+    # (pair indices, index of the edge that sets the shape) per bucket.
+    groups = _merge_small_buckets(members, global_batch_size)
+    if any(0 < len(m) < global_batch_size for m in members):
+      _log.info(
+        'Length buckets %s hold %s pairs; those that cannot fill a batch of '
+        '%d (their pairs would never be trained on) are merged into a '
+        'neighbour: buckets %s.',
+        list(data.buckets),
+        [len(m) for m in members],
+        global_batch_size,
+        [int(edges[edge]) for _, edge in groups],
+      )
+    self.buckets = [indices for indices, _ in groups]
     self.shapes = [
       (
-        min(int(edge), data.max_source_len)
-        if b < len(edges) - 1
+        min(int(edges[edge]), data.max_source_len)
+        if edge < len(edges) - 1
         else data.max_source_len,
-        min(int(edge), data.max_target_len)
-        if b < len(edges) - 1
+        min(int(edges[edge]), data.max_target_len)
+        if edge < len(edges) - 1
         else data.max_target_len,
       )
-      for b, edge in enumerate(edges)
+      for _, edge in groups
     ]
     self.batches_per_bucket = [
       len(m) // global_batch_size for m in self.buckets
     ]
     self.steps_per_epoch = sum(self.batches_per_bucket)
-    if not self.steps_per_epoch:
-      raise ValueError(
-        f'batch_size={global_batch_size} is larger than every length bucket '
-        f'of the {len(sources)} training pairs (bucket sizes '
-        f'{[len(m) for m in self.buckets]}); lower batch_size or use fewer '
-        'buckets.'
-      )
     used = self.steps_per_epoch * global_batch_size
     _log.info(
       'Length buckets %s hold %s pairs: %d batches of %d per epoch; %d pairs '
       '(the remainder of each bucket, different ones every epoch) sit out '
       'each epoch.',
-      list(data.buckets),
+      [int(edges[edge]) for _, edge in groups],
       [len(m) for m in self.buckets],
       self.steps_per_epoch,
       global_batch_size,
