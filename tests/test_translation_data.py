@@ -84,6 +84,24 @@ def test_thin_spaces_and_invisible_characters_are_normalised():
   assert translation.normalize_text('Zusammen\u00adarbeit') == 'Zusammenarbeit'
 
 
+def test_text_is_composed_to_nfc(tmp_path):
+  # 'é' as 'e' + U+0301 (NFD, as text pasted from some PDFs or macOS has it)
+  # must be the training text's 'é' and not an unknown character, and one
+  # English sentence must land in one split however it is encoded.
+  nfd, nfc = 'The re\u0301sume\u0301 is ready.', 'The résumé is ready.'
+  assert translation.normalize_text(nfd) == nfc
+  lines = [f'{nfd}\tLe CV est pre\u0302t.', f'{nfc}\tLe C.V. est prêt.']
+  folder = _anki_file(tmp_path / 'src', lines)
+  builder = _build(
+    translation.Anki, tmp_path, config='fra-eng', source_dir=folder
+  )
+  assert _anki_all(builder) == [
+    (nfc, 'Le C.V. est prêt.'),
+    (nfc, 'Le CV est prêt.'),
+  ]
+  assert list(builder.info.splits) == [translation.anki_split(nfc)]
+
+
 def test_multi30k_env_var(tmp_path, monkeypatch):
   _fake_multi30k(tmp_path / 'root' / 'multi30k')
   monkeypatch.setenv(translation.DATA_DIR_ENV, str(tmp_path / 'root'))

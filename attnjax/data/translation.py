@@ -26,7 +26,9 @@ the Grain pipeline wants.
 Text is normalised the same way everywhere: a UTF-8 BOM, zero-width
 spaces, word joiners and soft hyphens (U+FEFF, U+200B, U+2060, U+00AD) are
 removed, no-break, thin and figure spaces (U+00A0, U+202F, U+2009, U+2007)
-become plain spaces and the ends are stripped.
+become plain spaces, the text is put in Unicode NFC (so that 'é' typed as
+'e' + U+0301 is the 'é' of the training text, not an unknown character)
+and the ends are stripped.
 
 Bad input raises `TranslationDataError`, naming the file and the fix. Lines
 that are not UTF-8 (`on_bad_utf8`) and anki lines without 2 or 3 columns
@@ -41,6 +43,7 @@ import gzip
 import hashlib
 import logging
 import os
+import unicodedata
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Literal
@@ -85,9 +88,9 @@ class TranslationDataError(ValueError):
 
 
 def normalize_text(text: str) -> str:
-  """Removes invisible characters, maps special spaces to ' ', strips (see
-  the module docstring)."""
-  return text.translate(_SPACES).strip()
+  """Removes invisible characters, maps special spaces to ' ', composes
+  to NFC, strips (see the module docstring)."""
+  return unicodedata.normalize('NFC', text.translate(_SPACES)).strip()
 
 
 def _check_on_bad(name: str, value: str) -> None:
@@ -154,10 +157,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class Multi30k(_Builder):
   """Multi30k German-English (WMT16 multimodal task 1), in file order."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {
     '1.0.0': 'Initial release.',
     '1.1.0': 'Thin and figure spaces, word joiners, soft hyphens normalised.',
+    '1.2.0': 'Text in Unicode NFC.',
   }
 
   def __init__(
@@ -277,10 +281,11 @@ class AnkiConfig(tfds.core.BuilderConfig):
 class Anki(_Builder):
   """Tatoeba / ManyThings.org sentence pairs with a hash-based split."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {
     '1.0.0': 'Initial release.',
     '1.1.0': 'Thin and figure spaces, word joiners, soft hyphens normalised.',
+    '1.2.0': 'Text in Unicode NFC.',
   }
   BUILDER_CONFIGS = [
     AnkiConfig(
