@@ -227,6 +227,18 @@ def test_multi30k_mismatched_line_counts(tmp_path):
   assert 'val.de.gz has 3 lines' in msg and 'val.en.gz has 2' in msg
 
 
+def test_multi30k_empty_split_names_the_files(tmp_path):
+  # E.g. a download that wrote empty files: gzip reads them as no lines.
+  folder = _fake_multi30k(tmp_path / 'm30k', n=(5, 0, 2))
+  builder = translation.Multi30k(
+    data_dir=str(tmp_path / 'tfds'), source_dir=folder
+  )
+  with pytest.raises(
+    translation.TranslationDataError, match='val.de.gz / .*val.en.gz hold no'
+  ):
+    builder.download_and_prepare()
+
+
 def test_multi30k_bad_utf8_error_names_file_and_line(tmp_path):
   folder = _fake_multi30k(
     tmp_path / 'm30k', **{'train.en.gz': b'a\nb\n\xa3 c\nd\ne\n'}
@@ -372,6 +384,23 @@ def test_anki_bad_utf8(tmp_path, caplog):
     )
   assert _anki_all(builder) == [('Go.', 'Va !'), ('Hi.', 'Salut')]
   assert 'Skipped 1 lines that are not valid UTF-8' in caplog.text
+
+
+@pytest.mark.parametrize('content', [b'', b'\n\n', b'<html>\n'])
+def test_anki_file_without_pairs_is_an_error_not_an_empty_dataset(
+  tmp_path, content
+):
+  folder = tmp_path / 'src'
+  folder.mkdir()
+  (folder / 'fra.txt').write_bytes(content)
+  kwargs = dict(config='fra-eng', source_dir=folder, on_bad_line='skip')
+  with pytest.raises(translation.TranslationDataError, match='fra.txt holds'):
+    _build(translation.Anki, tmp_path, **kwargs)
+  # Nothing was kept: the same data_dir builds once the file is fixed.
+  _anki_file(folder, ['Go.\tVa !'])
+  assert _anki_all(_build(translation.Anki, tmp_path, **kwargs)) == [
+    ('Go.', 'Va !')
+  ]
 
 
 def test_anki_missing_file(tmp_path, monkeypatch):

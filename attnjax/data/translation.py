@@ -222,6 +222,12 @@ class Multi30k(_Builder):
         skipped += 1
         continue
       yield i, {'de': normalize_text(d), 'en': normalize_text(e)}
+    if skipped == len(de):  # tfds would fail with no word of which file.
+      what = f'all {skipped} lines are not UTF-8' if skipped else 'empty'
+      raise TranslationDataError(
+        f'{de_path} / {en_path} hold no sentence pairs ({what}). Download '
+        f'both again from {MULTI30K_URL}'
+      )
     if skipped:
       _log.warning(
         'Skipped %d line pairs that are not valid UTF-8 in %s / %s.',
@@ -359,11 +365,19 @@ class Anki(_Builder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Local files only.
+    path = self._source_file()
     pairs = read_anki_pairs(
-      self._source_file(),
-      on_bad_utf8=self.on_bad_utf8,
-      on_bad_line=self.on_bad_line,
+      path, on_bad_utf8=self.on_bad_utf8, on_bad_line=self.on_bad_line
     )
+    if not pairs:
+      # Else tfds writes a dataset without splits, and keeps it.
+      config = self.builder_config
+      raise TranslationDataError(
+        f'{path} holds no sentence pairs (it is empty, or every line was '
+        'skipped). It must be the English<TAB>translation file '
+        f'{config.file_name} of {config.name}.zip from {ANKI_URL}: download '
+        'and unzip it again.'
+      )
     by_split = collections.defaultdict(list)
     for key, en, other in pairs:
       by_split[anki_split(en)].append((key, en, other))
