@@ -141,12 +141,17 @@ def make_score(
   use_bias: bool = True,
   num_heads: int | None = None,
   param_dtype: Dtype = jnp.float32,
+  dtype: Dtype | None = None,
 ) -> ScoreFn:
   """Creates the weights of `score` in `module` and returns a bound score_fn.
 
   `score` is a registered name (see `attnjax.scores.SCORES`) or a callable
   `score(q, k) -> [..., q_len, k_len]` used as is. With `num_heads`, each
-  head gets its own weights (a leading heads dim).
+  head gets its own weights (a leading heads dim). With `dtype`, the weights
+  are cast to it before use, as flax casts a layer's parameters to its
+  computation dtype (float32 weights would otherwise promote the score, and
+  the additive family's `[..., q_len, k_len, hidden]` activations, of
+  16-bit queries and keys to float32).
   """
   if callable(score):
     return score
@@ -161,6 +166,8 @@ def make_score(
     num_heads=num_heads,
     param_dtype=param_dtype,
   )
+  if dtype is not None:
+    params = {name: jnp.asarray(p, dtype) for name, p in params.items()}
   return _bind_score(score, params, heads=num_heads is not None)
 
 
@@ -468,6 +475,7 @@ class MultiHeadAttention(nn.Module):
       max_len=self.max_len,
       num_heads=self.num_heads,
       param_dtype=self.param_dtype,
+      dtype=self.dtype,
     )
     if self.implementation == 'chunked':
       if dropout:

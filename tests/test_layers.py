@@ -242,6 +242,23 @@ class TestMultiHeadAttention:
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=0.1)
 
+  @pytest.mark.parametrize('score', ['additive', 'general'])
+  def test_score_weights_compute_in_the_module_dtype(self, score):
+    """float32 score weights do not promote a bfloat16 layer's scores (and
+    the additive `[..., q_len, k_len, H]` activations) to float32."""
+    x = _inputs().astype(jnp.bfloat16)
+    model = layers.MultiHeadAttention(
+      num_heads=HEADS, score=score, dtype=jnp.bfloat16
+    )
+    variables = model.init(jax.random.key(1), x)
+    jaxpr = jax.make_jaxpr(model.apply)(variables, x).jaxpr
+    computed = [
+      eqn.outvars[0].aval.dtype
+      for eqn in jaxpr.eqns
+      if eqn.primitive.name in ('dot_general', 'tanh')
+    ]
+    assert computed and set(computed) == {jnp.dtype(jnp.bfloat16)}
+
   def test_bad_configurations(self):
     x = _inputs()
     with pytest.raises(ValueError, match='must divide'):

@@ -355,6 +355,34 @@ def test_dropout_and_bfloat16():
   assert not np.allclose(a, b)
 
 
+def test_bfloat16_scores_compute_in_bfloat16():
+  """The float32 score weights of a bfloat16 model are cast like its other
+  weights: no attention score (nor the additive score's `[batch, heads,
+  q_len, k_len, head_dim]` activations) is computed in float32."""
+  config = _config(
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    score='additive',
+    dtype=jnp.bfloat16,
+  )
+  model = Transformer(config)
+  inputs, targets = _batch()
+  variables = jax.eval_shape(
+    functools.partial(model.init, train=False),
+    jax.random.key(0),
+    inputs,
+    targets,
+  )
+  apply = functools.partial(model.apply, train=False)
+  jaxpr = jax.make_jaxpr(apply)(variables, inputs, targets).jaxpr
+  computed = [
+    eqn.outvars[0].aval.dtype
+    for eqn in jaxpr.eqns
+    if eqn.primitive.name in ('dot_general', 'tanh')
+  ]
+  assert computed and set(computed) == {jnp.dtype(jnp.bfloat16)}
+
+
 @pytest.mark.parametrize(
   'rate', ['dropout_rate', 'attention_dropout_rate', 'mlp_dropout_rate', None]
 )

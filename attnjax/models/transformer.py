@@ -319,6 +319,7 @@ class DecoderAttention(nn.Module):
       config.head_dim,
       config.head_dim,
       num_heads=config.num_heads,
+      dtype=config.dtype,
     )
     self.dropout = nn.Dropout(config.attention_dropout_rate)
 
