@@ -292,7 +292,9 @@ class MultiHeadAttention(nn.Module):
       a GPU; scaled dot only, no weights recorded).
     chunk_size: keys per chunk for 'chunked'.
     use_bias: biases of the projections.
-    dtype: computation dtype (None: from the inputs).
+    dtype: computation dtype (None: promoted from the inputs and the
+      parameters, as in flax, so 16-bit inputs with float32 parameters
+      compute in float32).
     param_dtype: parameter dtype.
   """
 
@@ -350,8 +352,9 @@ class MultiHeadAttention(nn.Module):
         `[batch, q_len, k_len]` mask would broadcast against the heads.
       causal: add `masks.causal_mask(q_len, k_len)` (ignored when decoding,
         where the cache already hides the future).
-      deterministic: disables dropout; overrides the attribute. Needed (here
-        or as the attribute) only when `dropout_rate > 0`.
+      deterministic: disables dropout. Give it here or as the attribute,
+        not both (`nn.merge_param` raises); needed only when
+        `dropout_rate > 0`.
 
     Returns:
       `[batch..., q_len, out_features]`.
