@@ -250,6 +250,7 @@ def test_decode_model_uses_the_model_special_ids():
     (dict(positions='rotary'), 'positions'),
     (dict(score='location'), 'absolute key'),
     (dict(score='nope'), 'nope'),
+    (dict(score=jnp.dot), 'must be the name of a score'),
     (dict(dropout_rate=1.0), 'dropout_rate'),
     (dict(num_encoder_layers=0), 'num_encoder_layers'),
     (dict(pre_ln=1), 'pre_ln'),

@@ -150,6 +150,14 @@ class TransformerConfig:
         f'{self.target_vocab_size}; use a joint vocabulary or set '
         'share_embeddings=False.'
       )
+    if not isinstance(self.score, str):
+      # scores.get's error would suggest passing a callable, which is what
+      # happened: the decoder builds per-head weights from a name.
+      raise ValueError(
+        'TransformerConfig.score must be the name of a score in '
+        f'attnjax.scores.SCORES, not {self.score!r}; use one of '
+        f'{sorted(set(scores.SCORES) - set(_POSITIONAL_SCORES))}.'
+      )
     if self.score in _POSITIONAL_SCORES:
       raise ValueError(
         f'TransformerConfig.score={self.score!r} scores absolute key '
