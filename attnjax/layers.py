@@ -123,6 +123,21 @@ def _bind_score(name: str, params: dict[str, Array], heads: bool) -> ScoreFn:
   return score_fn
 
 
+def _per_head(init: Callable[..., Array], num_heads: int):
+  """`init` applied to each head's slice of a `[heads, ...]` weight.
+
+  Called on the whole shape, a fan-in initialiser (lecun_normal) would count
+  the heads dim into its receptive field and draw every head's weights
+  sqrt(num_heads) times smaller than a single head's.
+  """
+
+  def init_heads(key, shape, dtype=jnp.float32):
+    keys = jax.random.split(key, num_heads)
+    return jax.vmap(lambda k: init(k, shape[1:], dtype))(keys)
+
+  return init_heads
+
+
 def _param(module, name, init, shape, axes, dtype):
   """`module.param` with logical axis names for sharding."""
   return module.param(
@@ -194,11 +209,12 @@ def score_params(
   specs = _score_param_specs(score, q_depth, k_depth, hidden, max_len, use_bias)
   params = {}
   for param_name, spec in specs.items():
-    shape, axes = spec.shape, spec.axes
+    shape, axes, init = spec.shape, spec.axes, spec.init
     if num_heads is not None:
       shape, axes = (num_heads, *shape), ('heads', *axes)
+      init = _per_head(init, num_heads)
     params[param_name] = _param(
-      module, f'score_{param_name}', spec.init, shape, axes, param_dtype
+      module, f'score_{param_name}', init, shape, axes, param_dtype
     )
   return params
 

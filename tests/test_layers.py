@@ -169,6 +169,20 @@ class TestMultiHeadAttention:
     assert params['score_w_q'].shape == (HEADS, head_depth, 6)
     assert params['score_v'].shape == (HEADS, 6)
 
+  @pytest.mark.parametrize('score', ['general', 'additive'])
+  def test_per_head_score_weights_init_like_one_head(self, score):
+    """Each head's lecun_normal score weights have std 1 / sqrt(head
+    depth), as in a single-head layer: the heads dim is no fan-in."""
+    heads, depth = 8, 8
+    model = layers.MultiHeadAttention(num_heads=heads, score=score)
+    x = jnp.ones((1, 2, heads * depth))
+    params = _unbox(model.init(jax.random.key(0), x)['params'])
+    w = params['score_w' if score == 'general' else 'score_w_q']
+    assert w.shape == (heads, depth, depth)
+    np.testing.assert_allclose(w.std() * depth**0.5, 1.0, atol=0.15)
+    # The heads are drawn independently.
+    assert not np.allclose(w[0], w[1])
+
   def test_records_weights(self):
     x = _inputs()
     mask = _padding_mask([3, 7])
