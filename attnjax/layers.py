@@ -583,7 +583,8 @@ class LocalAttention(ScoredAttention):
       lengths = (
         jnp.full(query.shape[:-2], k_len)
         if mask is None
-        else jnp.max(jnp.sum(mask, axis=-1), axis=-1)
+        # A key-only `[k_len]` mask has no query dim to take the max over.
+        else jnp.max(jnp.sum(jnp.atleast_2d(mask), axis=-1), axis=-1)
       )
       centers = attn_lib.predict_positions(query, w_p, v_p, lengths)
     elif positions is None:

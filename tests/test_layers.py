@@ -404,6 +404,20 @@ class TestAlignmentModules:
     with pytest.raises(ValueError, match='predicts its positions'):
       layer.apply(variables, q, k, mask=mask, positions=jnp.arange(4))
 
+  def test_local_p_takes_a_key_only_mask(self):
+    """A `[k_len]` mask broadcasts like `[batch, 1, k_len]` rows of it."""
+    q, k = _inputs(0, (B, 4, D)), _inputs(1)
+    layer = layers.LocalAttention(window=2, predictive=True)
+    variables = layer.init(jax.random.key(0), q, k)
+    lengths = jnp.array([5, 5])
+    _, expected = layer.apply(
+      variables, q, k, mask=masks.length_mask(lengths, T)[:, None, :]
+    )
+    _, weights = layer.apply(
+      variables, q, k, mask=masks.length_mask(jnp.array(5), T)
+    )
+    np.testing.assert_allclose(weights, expected, atol=1e-6)
+
   def test_local_p_positions_in_float32_for_16_bit_inputs(self):
     """p_t = S sigmoid(...) in bfloat16 would move by S / 2^8 steps, about
     a sigma of the window at S = 1000."""
