@@ -18,6 +18,7 @@ from collections.abc import Callable
 import chex
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 
 from attnjax import _checks, masks, scores
 
@@ -196,15 +197,54 @@ def chunked_attention(
     k_example = jax.ShapeDtypeStruct(
       (*k.shape[:-2], chunk, k.shape[-1]), k.dtype
     )
-    return jax.closure_convert(fn, q, k_example, jnp.int32(0))
+    return _hoist_closure(fn, q, k_example, jnp.int32(0))
 
   full_fn, full_consts = converted(size)
-  rem_fn, rem_consts = converted(remainder) if remainder else (None, [])
+  rem_fn, rem_consts = converted(remainder) if remainder else (None, ([], []))
   plan = _ChunkPlan(
     size, num_full, remainder, q_len, k_len, causal, batch, full_fn, rem_fn
   )
   out = _chunked(plan, q, k, v, mask, full_consts, rem_consts)
   return out.astype(v.dtype)
+
+
+def _hoist_closure(fn, *example_args):
+  """`fn` with every tracer it closes over made an explicit argument.
+
+  Like `jax.closure_convert`, which however hoists only the values it deems
+  differentiable: an integer tracer (or a float one under `vmap`) stayed
+  inside `fn` and escaped its trace through the custom VJP
+  (UnexpectedTracerError under `vmap`, `remat` or `scan`, a lowering error
+  under `grad` of `jit`). Concrete constants stay closed over.
+
+  Returns `(converted, (floats, others))`: the hoisted float tracers (which
+  get cotangents) and the others (integer, bool: none), with
+  `converted(*example_args, floats, others) == fn(*example_args)`.
+  """
+  closed = jax.make_jaxpr(fn)(*example_args)
+  consts = closed.consts
+  kinds = [
+    'concrete'
+    if not isinstance(c, jax.core.Tracer)
+    else 'float'
+    if jnp.issubdtype(c.dtype, jnp.inexact)
+    else 'other'
+    for c in consts
+  ]
+  floats = [c for c, kind in zip(consts, kinds, strict=True) if kind == 'float']
+  others = [c for c, kind in zip(consts, kinds, strict=True) if kind == 'other']
+
+  def converted(*args):
+    *args, floats, others = args
+    hoisted = {'float': iter(floats), 'other': iter(others)}
+    merged = [
+      c if kind == 'concrete' else next(hoisted[kind])
+      for c, kind in zip(consts, kinds, strict=True)
+    ]
+    run = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(closed.jaxpr, merged))
+    return run(*args)[0]
+
+  return converted, (floats, others)
 
 
 class _ChunkPlan:
@@ -347,11 +387,12 @@ def _chunked_bwd(plan, residuals, d_out):
     fn, consts = plan.score_fn(last), (rem_consts if last else full_consts)
     k_chunk = jax.lax.dynamic_slice_in_dim(k, start, size, axis=-2)
     v_chunk = jax.lax.dynamic_slice_in_dim(v, start, size, axis=-2)
+    floats, others = consts
     logits, pullback = jax.vjp(
-      lambda q, k_chunk, consts: fn(q, k_chunk, start, *consts),
+      lambda q, k_chunk, floats: fn(q, k_chunk, start, floats, others),
       q,
       k_chunk,
-      consts,
+      floats,
     )
     score_shape = logits.shape
     chunk_mask = plan.chunk_mask(mask, start, size)
@@ -375,11 +416,12 @@ def _chunked_bwd(plan, residuals, d_out):
 
   init = (
     jnp.zeros(q.shape, jnp.float32),  # summed over chunks: keep float32
-    jax.tree.map(jnp.zeros_like, full_consts),
-    jax.tree.map(jnp.zeros_like, rem_consts),
+    jax.tree.map(jnp.zeros_like, full_consts[0]),
+    jax.tree.map(jnp.zeros_like, rem_consts[0]),
   )
   (d_q, d_full, d_rem), (d_k, d_v) = _for_each_chunk(plan, body, init)
-  return d_q.astype(q.dtype), d_k, d_v, None, d_full, d_rem
+  # Integer and boolean constants (and the mask) get no cotangent.
+  return d_q.astype(q.dtype), d_k, d_v, None, (d_full, None), (d_rem, None)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

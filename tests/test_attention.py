@@ -584,6 +584,41 @@ def test_chunked_location_score_stays_chunked():
   assert largest(chunked=True) < q_len * k_len
 
 
+def test_chunked_score_may_close_over_any_tracer():
+  # A custom score closing over vmapped integer positions (into a bias
+  # table) and weights: the closed-over tracers must not escape
+  # chunked_attention's custom VJP (they did: UnexpectedTracerError).
+  rng = np.random.default_rng(12)
+  q, k, v = _qkv(rng)
+  table, w = jnp.asarray(_normal(rng, TK + 2)), _normal(rng, 3, QD, KD)
+
+  def loss(q, positions, w, chunked):
+    def score_fn(q, k, key_offset=0):
+      pos = jax.lax.dynamic_slice_in_dim(positions, key_offset, k.shape[-2])
+      return scores.general(q, k, w) + table[pos]
+
+    if chunked:
+      out = attention.chunked_attention(q, k, v, score_fn, chunk_size=4)
+    else:
+      out = attention.attention(q, k, v, score_fn)[0]
+    return jnp.sum(out**2)
+
+  @_jit  # one program for both
+  def run(q, positions, w):
+    results = []
+    for chunked in (True, False):
+      per_w = functools.partial(loss, chunked=chunked)
+      total = lambda q, pos, w, f=per_w: jnp.sum(
+        jax.vmap(f, (None, 0, 0))(q, pos, w)
+      )
+      results.append(jax.grad(total, (0, 2))(q, positions, w))
+    return results
+
+  positions = np.arange(TK) + np.arange(3)[:, None]
+  got, want = run(q, positions, w)
+  _assert_trees_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Errors.
 
