@@ -467,7 +467,9 @@ def hard_weights(
   if rng is None:
     return one_hot
   soft = masks.masked_softmax(logits / temperature, mask)
-  return one_hot + soft - jax.lax.stop_gradient(soft)
+  # Parenthesised: `soft - stop_gradient(soft)` is exactly 0, so the value
+  # is exactly one-hot; `one_hot + soft - soft` rounds 1 to 0.99999994.
+  return one_hot + (soft - jax.lax.stop_gradient(soft))
 
 
 def hard_attention(

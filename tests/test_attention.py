@@ -809,10 +809,9 @@ def test_hard_weights_sampling():
   )(logits, jax.random.key(0, impl='rbg'))
   samples = np.asarray(samples)
   allowed = np.broadcast_to(mask, logits.shape)
-  # Forward values are one-hot on an allowed key.
-  np.testing.assert_allclose(samples.sum(-1), 1.0, atol=1e-6)
-  np.testing.assert_allclose(samples.max(-1), 1.0, atol=1e-6)
-  assert np.all(np.isclose(samples, 0, atol=1e-6) | np.isclose(samples, 1))
+  # Forward values are exactly one-hot on an allowed key.
+  np.testing.assert_array_equal(samples.sum(-1), 1.0)
+  assert np.all((samples == 0) | (samples == 1))
   assert np.all(samples[:, ~allowed] == 0)
   # Choice frequencies follow softmax(logits) over the allowed keys.
   frequencies = (samples > 0.5).mean(0)
@@ -843,9 +842,9 @@ def test_hard_weights_straight_through_gradient():
   got, want, w, gumbel = run(logits)
   assert np.any(np.asarray(got) != 0)
   np.testing.assert_allclose(got, want, atol=1e-6)
-  # The forward value is the one-hot of the Gumbel argmax.
+  # The forward value is exactly the one-hot of the Gumbel argmax.
   expected = _one_hot_argmax(logits + np.asarray(gumbel), mask)
-  np.testing.assert_allclose(w, expected, atol=1e-6)
+  np.testing.assert_array_equal(w, expected)
 
 
 def test_hard_weights_rejects_bad_temperature():
