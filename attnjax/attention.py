@@ -106,11 +106,11 @@ def dot_product_attention(
     )
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   logits = jnp.einsum(
-    '...qd,...kd->...qk',
-    q * jnp.asarray(scale, q.dtype),
-    k,
-    preferred_element_type=jnp.float32,
+    '...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32
   )
+  # Scaled in float32, as jax.nn does: scaling a 16-bit q first rounds
+  # q * scale once more whenever the scale is not a power of two.
+  logits = logits * jnp.asarray(scale, jnp.float32)
   return weighted_sum(masks.masked_softmax(logits, mask), v)
 
 

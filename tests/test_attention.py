@@ -351,6 +351,25 @@ def test_dot_product_attention_bfloat16():
   )
 
 
+def test_dot_product_attention_bfloat16_matches_jax_nn():
+  # depth 12: the default scale 12 ** -0.5 is not a power of two, so
+  # scaling the bfloat16 queries before the product (rather than the
+  # float32 logits, as jax.nn does) rounds once more: 2 ulps off.
+  rng = np.random.default_rng(6)
+  q, k, v = (
+    jnp.asarray(3 * x, jnp.bfloat16) for x in _bhtd(rng, tq=8, tk=8, depth=12)
+  )
+  ours, theirs = _both_dot_product_attentions(q, k, v, None)
+  assert ours.dtype == jnp.bfloat16
+  # At most 1 bfloat16 ulp apart.
+  np.testing.assert_allclose(
+    np.asarray(ours, np.float32),
+    np.asarray(theirs, np.float32),
+    rtol=2**-7,
+    atol=1e-2,
+  )
+
+
 def test_dot_product_attention_equals_attention_scaled_dot():
   rng = np.random.default_rng(7)
   q, k, v = _bhtd(rng)
