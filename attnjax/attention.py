@@ -187,6 +187,8 @@ def chunked_attention(
   if mask is not None:
     _checks.check_mask(mask, (*batch, q_len, k_len))
 
+  if k_len == 0:  # no key at all: every query gets a zero context
+    return jnp.zeros((*batch, q_len, v.shape[-1]), v.dtype)
   size = min(chunk_size, k_len)
   num_full, remainder = divmod(k_len, size)
 

@@ -638,6 +638,21 @@ def test_chunked_score_may_close_over_any_tracer():
   _assert_trees_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_without_keys_equals_dense():
+  # No key at all: a zero context, as from attention(), not a division by 0.
+  q, k, v = _qkv(np.random.default_rng(13), tk=0)
+  run = _jit(
+    lambda q, k, v: (
+      attention.chunked_attention(q, k, v, scores.dot, chunk_size=4),
+      attention.attention(q, k, v, scores.dot)[0],
+    )
+  )
+  out, expected = run(q, k, v)
+  assert out.shape == expected.shape == (B, TQ, VD)
+  np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(out, 0.0)
+
+
 # ---------------------------------------------------------------------------
 # Errors.
 
