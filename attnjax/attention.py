@@ -409,19 +409,26 @@ def _chunked_bwd(plan, residuals, d_out):
     # The mask and v may carry batch dims the scores lack.
     d_q_chunk, d_k, d_consts = pullback(_sum_to_shape(d_logits, score_shape))
     d_q = d_q + d_q_chunk.astype(jnp.float32)
+    add = lambda acc, d: acc + d.astype(jnp.float32)
     if last:
-      d_rem = jax.tree.map(jnp.add, d_rem, d_consts)
+      d_rem = jax.tree.map(add, d_rem, d_consts)
     else:
-      d_full = jax.tree.map(jnp.add, d_full, d_consts)
+      d_full = jax.tree.map(add, d_full, d_consts)
     d_v = _sum_to_shape(d_v, (*v.shape[:-2], size, v.shape[-1]))
     return (d_q, d_full, d_rem), (d_k, d_v.astype(v.dtype))
 
+  # Summed over chunks, so kept in float32 whatever the dtype of q or of the
+  # score's weights (16-bit sums lose precision with every chunk).
+  zeros32 = lambda x: jnp.zeros(jnp.shape(x), jnp.float32)
   init = (
-    jnp.zeros(q.shape, jnp.float32),  # summed over chunks: keep float32
-    jax.tree.map(jnp.zeros_like, full_consts[0]),
-    jax.tree.map(jnp.zeros_like, rem_consts[0]),
+    zeros32(q),
+    jax.tree.map(zeros32, full_consts[0]),
+    jax.tree.map(zeros32, rem_consts[0]),
   )
   (d_q, d_full, d_rem), (d_k, d_v) = _for_each_chunk(plan, body, init)
+  as_dtype_of = lambda d, x: d.astype(jnp.result_type(x))
+  d_full = jax.tree.map(as_dtype_of, d_full, full_consts[0])
+  d_rem = jax.tree.map(as_dtype_of, d_rem, rem_consts[0])
   # Integer and boolean constants (and the mask) get no cotangent.
   return d_q.astype(q.dtype), d_k, d_v, None, (d_full, None), (d_rem, None)
 

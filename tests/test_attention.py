@@ -638,6 +638,37 @@ def test_chunked_score_may_close_over_any_tracer():
   _assert_trees_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_bfloat16_weight_gradient_summed_in_float32():
+  # A bfloat16 weight's gradient is a sum over 512 one-key chunks: summed
+  # in bfloat16 it was 2.4x further from the float32 gradient than dense
+  # attention's (7x at larger sizes); summed in float32, 1.1x.
+  rng = np.random.default_rng(14)
+  q, k, v = _qkv(rng, tk=512)
+  w = 0.3 * _normal(rng, QD, KD)
+  cotangent = _normal(rng, B, TQ, VD)
+
+  def loss(w, q, k, v, chunked):
+    score_fn = functools.partial(scores.general, w=w)
+    if chunked:
+      out = attention.chunked_attention(q, k, v, score_fn, chunk_size=1)
+    else:
+      out = attention.attention(q, k, v, score_fn)[0]
+    return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+  @_jit
+  def run(w, q, k, v):
+    half = [jnp.asarray(x, jnp.bfloat16) for x in (w, q, k, v)]
+    exact = [x.astype(jnp.float32) for x in half]
+    return [
+      jax.grad(loss)(*half, True),
+      jax.grad(loss)(*half, False),
+      jax.grad(loss)(*exact, False),
+    ]
+
+  chunked, dense, exact = (np.asarray(g, np.float32) for g in run(w, q, k, v))
+  assert np.abs(chunked - exact).max() <= 1.5 * np.abs(dense - exact).max()
+
+
 def test_chunked_without_keys_equals_dense():
   # No key at all: a zero context, as from attention(), not a division by 0.
   q, k, v = _qkv(np.random.default_rng(13), tk=0)
