@@ -657,7 +657,8 @@ def monotonic_alignment(
   alpha_{i,j} = p_{i,j} sum_{k<=j} alpha_{i-1,k} prod_{l=k}^{j-1} (1 - p_{i,l})
 
   Raffel et al. write it as p_i * cumprod(1 - p_i) * cumsum(alpha_{i-1} /
-  cumprod(1 - p_i)), whose division underflows to 0/0 on long inputs. Both
+  cumprod(1 - p_i)) with an exclusive cumprod ([1, x_1, x_1 x_2, ...]),
+  whose division underflows to 0/0 on long inputs. Both
   modes here evaluate the equivalent recurrence
   q_j = (1 - p_{j-1}) q_{j-1} + alpha_{i-1,j}, alpha_{i,j} = p_j q_j:
   `'recursive'` as a sequential scan over keys, `'parallel'` as an
