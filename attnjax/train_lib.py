@@ -865,6 +865,8 @@ def train_and_evaluate(
   except ValueError as e:
     if mngr.latest_step() is None:  # Not a resume: init_from's errors.
       raise
+    if isinstance(e, checkpoints.DamagedCheckpoint):  # Not the config's.
+      raise
     changed = _changed_fields(config, workdir)
     raise ValueError(
       f'{e} Config fields changed since that checkpoint: '

@@ -623,6 +623,27 @@ def test_damaged_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
   assert 'damaged or incomplete' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('damaged', ['state', 'data'])
+def test_damaged_checkpoint_on_resume_is_not_blamed_on_the_config(
+  trained, tmp_path, damaged
+):
+  """A resume from an unreadable checkpoint says it is damaged, not that it
+  belongs to another model."""
+  source, _ = trained
+  workdir = tmp_path / 'copy'
+  shutil.copytree(source, workdir)
+  step_dir = workdir / 'checkpoints' / str(checkpoints.latest_step(workdir))
+  if damaged == 'state':
+    shutil.rmtree(step_dir / 'state')
+  else:
+    (step_dir / 'data' / 'process_0-of-1.json').write_text('{')
+  config = tiny_config(keep_checkpoints=1, num_train_steps=30)
+  with pytest.raises(ValueError, match='damaged or incomplete') as e:
+    train_lib.train_and_evaluate(config, str(workdir))
+  assert 'does not match' not in str(e.value)
+  assert 'Config fields changed' not in str(e.value)
+
+
 def test_unknown_field_set_from_python_is_refused(tmp_path):
   config = tiny_config()
   config.batchsize = 8  # unlocked ConfigDicts accept any new field

@@ -107,11 +107,23 @@ def restore(
 ):
   """Restores `state` (onto `shardings`) and, if given, the data iterator.
 
+  A state of other names or shapes is refused, naming them, before any array
+  is read; a checkpoint that cannot be read is reported as damaged.
+
   Grain saves one iterator file per process. A run resumed on a different
   number of processes finds none for itself; its iterator is then moved to
   batch `step` with `seek`, which is exact for our pipelines because batch k
   is a pure function of k.
   """
+  differ = _differences(
+    _saved_shapes(mngr, step, None), _shapes(abstract_state)
+  )
+  if differ:
+    raise ValueError(
+      f'checkpoint step {step} in {mngr.directory} does not match this '
+      f'model/config: {differ}. Use a fresh --workdir, or delete the '
+      'checkpoints to start over.'
+    )
   args = {
     'state': ocp.args.StandardRestore(_abstract(abstract_state, shardings))
   }
@@ -128,12 +140,8 @@ def restore(
     pipeline.seek(data_iterator, step)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**args))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-      f'checkpoint step {step} in {mngr.directory} does not match this '
-      f'model/config ({type(e).__name__}: {str(e)[:300]}). Use a fresh '
-      '--workdir, or delete the checkpoints to start over.'
-    ) from e
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise _damaged(mngr, step, e) from e
   logging.info('Restored step %d from %s.', step, mngr.directory)
   return restored['state']
 
@@ -151,12 +159,15 @@ def _latest_or_raise(
   return mngr, step
 
 
+class DamagedCheckpoint(ValueError):
+  """A checkpoint step whose files cannot be read (not a config mismatch)."""
+
+
 def _damaged(mngr: ocp.CheckpointManager, step: int, e: Exception):
-  return ValueError(
-    f'could not read the parameters of checkpoint step {step} in '
-    f'{mngr.directory} ({type(e).__name__}: {str(e)[:300]}). The '
-    'checkpoint is damaged or incomplete: delete that step to use an '
-    'earlier one, or retrain.'
+  return DamagedCheckpoint(
+    f'could not read checkpoint step {step} in {mngr.directory} '
+    f'({type(e).__name__}: {str(e)[:300]}). The checkpoint is damaged or '
+    'incomplete: delete that step to use an earlier one, or retrain.'
   )
 
 
@@ -167,27 +178,42 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
   }
 
 
-def _check_param_shapes(mngr, step: int, workdir, abstract_params) -> None:
-  """Refuses, from the checkpoint's metadata alone, parameters that differ
-  in name or shape from `abstract_params`."""
+def _saved_shapes(mngr, step: int, key: str | None):
+  """{name: shape} of the saved state (or of its `key` subtree), read from
+  the checkpoint's metadata alone."""
   path = pathlib.Path(mngr.directory) / str(step) / 'state'
   try:
     saved_tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
-    saved = _shapes(saved_tree['params'])
+    return _shapes(saved_tree[key] if key else saved_tree)
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise _damaged(mngr, step, e) from e
-  wanted = _shapes(abstract_params)
+
+
+def _differences(saved, wanted) -> str:
+  """The entries whose shapes differ (the first 5, parameters before the
+  optimiser's state), or '' if none do."""
+  names = sorted(
+    set(saved) | set(wanted), key=lambda n: (n.startswith('opt_state'), n)
+  )
   differ = [
     f'{name}: {saved.get(name, "absent")} in the checkpoint, '
     f'{wanted.get(name, "absent")} here'
-    for name in sorted(set(saved) | set(wanted))
+    for name in names
     if saved.get(name) != wanted.get(name)
   ]
+  more = f' (and {len(differ) - 5} more)' if len(differ) > 5 else ''
+  return '; '.join(differ[:5]) + more
+
+
+def _check_param_shapes(mngr, step: int, workdir, abstract_params) -> None:
+  """Refuses, from the checkpoint's metadata alone, parameters that differ
+  in name or shape from `abstract_params`."""
+  saved = _saved_shapes(mngr, step, 'params')
+  differ = _differences(saved, _shapes(abstract_params))
   if differ:
-    more = f' (and {len(differ) - 5} more)' if len(differ) > 5 else ''
     raise ValueError(
       f'the parameters of {workdir!s} (step {step}) do not fit this model: '
-      f'{"; ".join(differ[:5])}{more}. Build the same model (its config is '
+      f'{differ}. Build the same model (its config is '
       f'{pathlib.Path(workdir) / "config.json"}), changing only fields that '
       'keep parameter shapes.'
     )
