@@ -31,8 +31,23 @@ def _config(**overrides):
 
 @pytest.mark.parametrize('schedule', optim.SCHEDULES)
 def test_warmup_is_linear_to_the_peak(schedule):
+  """Step k (1-based, the k-th update) is evaluated at optax's count k - 1:
+  warmup_steps=10 gives steps 1, 5 and 10 a tenth, half and all the peak."""
   lr = optim.learning_rate_schedule(_config(schedule=schedule), 100)
-  np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 0.5, 1.0], atol=1e-6)
+  np.testing.assert_allclose([lr(0), lr(4), lr(9)], [0.1, 0.5, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize('warmup', [1, 4, 10])
+def test_rsqrt_is_the_transformer_schedule(warmup):
+  """Vaswani et al.'s lrate, scaled to a peak of 1, at steps 1, 2, ...:
+  min(step / warmup, sqrt(warmup / step)). The first update is not lost to
+  a learning rate of 0, and the peak falls on step `warmup`."""
+  lr = optim.learning_rate_schedule(
+    _config(schedule='rsqrt', warmup_steps=warmup), 100
+  )
+  steps = np.arange(1, 60)
+  expected = np.minimum(steps / warmup, np.sqrt(warmup / steps))
+  np.testing.assert_allclose([lr(k - 1) for k in steps], expected, rtol=1e-6)
 
 
 def test_decays():
@@ -46,8 +61,8 @@ def test_decays():
   assert float(cosine(warmup + 50)) == pytest.approx(0.5, abs=1e-6)
   assert float(linear(warmup + 50)) == pytest.approx(0.5, abs=1e-6)
   assert float(cosine(steps)) == pytest.approx(0.0, abs=1e-6)
-  # rsqrt: lr * sqrt(warmup / (warmup + t)) t steps after the warmup.
-  assert float(rsqrt(warmup + 30)) == pytest.approx((10 / 40) ** 0.5)
+  # rsqrt: lr * sqrt(warmup / k) at step k (count k - 1) after the warmup.
+  assert float(rsqrt(40 - 1)) == pytest.approx((10 / 40) ** 0.5)
 
 
 def test_no_warmup_starts_at_the_peak():

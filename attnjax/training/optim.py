@@ -13,10 +13,18 @@ def learning_rate_schedule(
 ) -> optax.Schedule:
   """Linear warmup to `learning_rate`, then the named decay.
 
-  'rsqrt' is the Transformer schedule: lr * sqrt(warmup / step) after warmup.
+  The schedule takes optax's count of updates already made, so step k (the
+  k-th update, numbered from 1 as in the logs and checkpoints) gets its
+  value at k - 1. Warmup gives step k `lr * k / warmup`, reaching the peak
+  at step `warmup` (no step has a learning rate of 0); the decay starts after.
+  'rsqrt' is the Transformer schedule (Vaswani et al. 2017, with the peak
+  rate as lr): `lr * min(k / warmup, sqrt(warmup / k))` at step k.
   """
   lr, warmup = config.learning_rate, config.warmup_steps
-  warmup_fn = optax.linear_schedule(0.0, lr, max(warmup, 1))
+
+  def warmup_fn(count):
+    return lr * jnp.minimum(count + 1, warmup) / max(warmup, 1)
+
   decay_steps = max(num_train_steps - warmup, 1)
   if config.schedule == 'constant':
     decay_fn = optax.constant_schedule(lr)
@@ -27,10 +35,11 @@ def learning_rate_schedule(
   else:  # rsqrt
     scale = max(warmup, 1)
 
-    def decay_fn(step):
-      # join_schedules also evaluates this before the warmup ends (negative
-      # steps); the clamp keeps those throwaway values finite.
-      return lr * jnp.sqrt(scale / jnp.maximum(step + scale, scale))
+    def decay_fn(count):
+      # Step k = count + warmup + 1. join_schedules also evaluates this
+      # before the warmup ends (negative counts); the clamp keeps those
+      # throwaway values finite.
+      return lr * jnp.sqrt(scale / jnp.maximum(count + warmup + 1, scale))
 
   if warmup == 0:
     return decay_fn
