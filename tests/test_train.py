@@ -225,6 +225,26 @@ def test_resumed_metrics_replace_the_killed_runs(tmp_path):
   assert purge.step == 9  # TensorBoard drops older events from step 9 on.
 
 
+def test_restart_before_the_first_checkpoint_hides_the_killed_runs(tmp_path):
+  """A run killed before its first checkpoint starts again from step 0;
+  TensorBoard is told to hide the killed run's steps as metrics.jsonl
+  drops them."""
+  from attnjax.training import metrics
+
+  killed = metrics.MetricsWriter(tmp_path)
+  for step in range(1, 8):
+    killed.write(step, 'train', {'loss': 1.0})
+  killed.close()
+  time.sleep(1.1)  # Event files are named by the second.
+  again = metrics.MetricsWriter(tmp_path, resume_step=0)
+  again.write(1, 'train', {'loss': 2.0})
+  again.close()
+  assert (tmp_path / 'metrics.jsonl').read_text().count('\n') == 1
+  _, second = sorted((tmp_path / 'tensorboard' / 'train').iterdir())
+  (purge,) = [e for e in _events(second) if e.HasField('session_log')]
+  assert purge.step == 1
+
+
 def _train_command(workdir, *flags):
   return [
     sys.executable,

@@ -26,8 +26,7 @@ class MetricsWriter:
     self._active = jax.process_index() == 0
     self._tb = {}
     self._jsonl = self._workdir / 'metrics.jsonl'
-    # TensorBoard hides the earlier run's events after the resumed step.
-    self._purge_step = resume_step + 1 if resume_step else None
+    self._resume_step = resume_step
     if self._active:
       self._drop_entries_after(resume_step)
 
@@ -55,10 +54,12 @@ class MetricsWriter:
     if writer is None:
       from tensorboardX import SummaryWriter
 
-      writer = SummaryWriter(
-        str(self._workdir / 'tensorboard' / split),
-        purge_step=self._purge_step,
-      )
+      log_dir = self._workdir / 'tensorboard' / split
+      # TensorBoard hides earlier files' events after the resumed step: also
+      # those of a run killed before its first checkpoint (resume_step 0).
+      earlier = log_dir.is_dir() and any(log_dir.glob('events.out.*'))
+      purge_step = self._resume_step + 1 if earlier else None
+      writer = SummaryWriter(str(log_dir), purge_step=purge_step)
       self._tb[split] = writer
     for name, value in scalars.items():
       writer.add_scalar(name, value, step)
