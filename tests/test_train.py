@@ -245,6 +245,15 @@ def test_restart_before_the_first_checkpoint_hides_the_killed_runs(tmp_path):
   assert purge.step == 1
 
 
+def test_metrics_line_cut_short_does_not_stop_a_resume(tmp_path):
+  from attnjax.training import metrics
+
+  lines = [json.dumps({'step': s, 'split': 'train'}) for s in (5, 10)]
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n{"step": 1')
+  metrics.MetricsWriter(tmp_path, resume_step=8)
+  assert (tmp_path / 'metrics.jsonl').read_text() == lines[0] + '\n'
+
+
 def _train_command(workdir, *flags):
   return [
     sys.executable,

@@ -34,8 +34,19 @@ class MetricsWriter:
     """A resumed run rewrites the steps after its checkpoint; keep one copy."""
     if not self._jsonl.exists():
       return
-    lines = self._jsonl.read_text().splitlines()
-    kept = [line for line in lines if line and json.loads(line)['step'] <= step]
+    lines = [line for line in self._jsonl.read_text().splitlines() if line]
+    steps = [_step_of(line) for line in lines]
+    kept = [
+      x
+      for x, s in zip(lines, steps, strict=True)
+      if s is not None and s <= step
+    ]
+    if broken := steps.count(None):
+      logging.warning(
+        'Dropped %d unreadable lines of %s (cut short when a run died?).',
+        broken,
+        self._jsonl,
+      )
     if len(kept) != len(lines):
       logging.info(
         'Dropped %d metric lines after resumed step %d.',
@@ -72,6 +83,15 @@ class MetricsWriter:
     for writer in self._tb.values():
       writer.close()
     self._tb.clear()
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for one that does not parse (a
+  line cut short by a crash, which must not stop the next run)."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 class Progress:
