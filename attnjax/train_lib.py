@@ -915,6 +915,9 @@ def _train_steps(
   pending = None
   result: dict[str, Any] = {}
   with jax.set_mesh(exp.mesh):
+    if _heldout_missing(config, writer, start):
+      # Stopped during the evaluation that follows this checkpoint.
+      result = _evaluate_and_write(exp, state, start, eval_step, writer)
     for step in range(start + 1, config.num_train_steps + 1):
       batch = sharding.global_batch(
         next(data_iterator), exp.mesh, config.batch_size
@@ -934,25 +937,43 @@ def _train_steps(
           mngr, step, state, data_iterator, meta=exp.vocab_digests()
         )
       if step % config.eval_every_steps == 0 or last:
-        result = evaluate(exp, state.params, eval_step=eval_step)
-        writer.write(step, 'heldout', result)
-        writer.flush()
-        scores = '  '.join(
-          f'{name} {result[name]:.4f}' for name in exp.task.SCORES
-        )
-        logging.info(
-          'step %d  held-out %s  token acc %.4f  loss %.4f  perplexity %.2f',
-          step,
-          scores,
-          result['token_accuracy'],
-          result['loss'],
-          result['perplexity'],
-        )
+        result = _evaluate_and_write(exp, state, step, eval_step, writer)
     if pending is not None:
       log.add(*pending)
     log.write(config.num_train_steps)  # a last partial window, if any
     if not result:  # the workdir had already finished training
       result = evaluate(exp, state.params, eval_step=eval_step)
+  return result
+
+
+def _heldout_missing(config, writer: metrics.MetricsWriter, step: int) -> bool:
+  """Whether the run that saved checkpoint `step` evaluated there but was
+  stopped before it logged the result (the same answer on every process)."""
+  if not step or (
+    step % config.eval_every_steps and step < config.num_train_steps
+  ):
+    return False
+  missing = not writer.logged(step, 'heldout')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing
+
+
+def _evaluate_and_write(exp, state, step, eval_step, writer) -> dict[str, Any]:
+  result = evaluate(exp, state.params, eval_step=eval_step)
+  writer.write(step, 'heldout', result)
+  writer.flush()
+  scores = '  '.join(f'{name} {result[name]:.4f}' for name in exp.task.SCORES)
+  logging.info(
+    'step %d  held-out %s  token acc %.4f  loss %.4f  perplexity %.2f',
+    step,
+    scores,
+    result['token_accuracy'],
+    result['loss'],
+    result['perplexity'],
+  )
   return result
 
 

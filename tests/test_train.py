@@ -151,11 +151,19 @@ def test_an_error_during_training_still_finishes_the_checkpoint(
   def failing_evaluate(*args, **kwargs):
     raise RuntimeError('evaluation failed')
 
+  evaluate = train_lib.evaluate
   monkeypatch.setattr(train_lib, 'evaluate', failing_evaluate)
   with pytest.raises(RuntimeError, match='evaluation failed'):
     train_lib.train_and_evaluate(tiny_config(), str(tmp_path))
   assert checkpoints.latest_step(tmp_path) == 10
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['10']
+  # The rerun logs the evaluation the failed run did not (step 10 is the
+  # end of this one, as in a run stopped during its final evaluation).
+  monkeypatch.setattr(train_lib, 'evaluate', evaluate)
+  train_lib.train_and_evaluate(tiny_config(num_train_steps=10), str(tmp_path))
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  heldout = [row for row in map(json.loads, lines) if row['split'] == 'heldout']
+  assert [row['step'] for row in heldout] == [10]
 
 
 def test_resumed_logs_equal_the_uninterrupted_ones(tmp_path):

@@ -27,21 +27,28 @@ class MetricsWriter:
     self._tb = {}
     self._jsonl = self._workdir / 'metrics.jsonl'
     self._resume_step = resume_step
+    self._kept: set[tuple[int, str]] = set()  # (step, split) already logged
     if self._active:
       self._drop_entries_after(resume_step)
+
+  def logged(self, step: int, split: str) -> bool:
+    """Whether an earlier run logged `split` at `step` (at or before the
+    resumed step). Only process 0 reads the file; others answer False."""
+    return (step, split) in self._kept
 
   def _drop_entries_after(self, step: int) -> None:
     """A resumed run rewrites the steps after its checkpoint; keep one copy."""
     if not self._jsonl.exists():
       return
     lines = [line for line in self._jsonl.read_text().splitlines() if line]
-    steps = [_step_of(line) for line in lines]
+    entries = [_entry(line) for line in lines]
     kept = [
       x
-      for x, s in zip(lines, steps, strict=True)
-      if s is not None and s <= step
+      for x, e in zip(lines, entries, strict=True)
+      if e is not None and e[0] <= step
     ]
-    if broken := steps.count(None):
+    self._kept = {e for e in entries if e is not None and e[0] <= step}
+    if broken := entries.count(None):
       logging.warning(
         'Dropped %d unreadable lines of %s (cut short when a run died?).',
         broken,
@@ -85,11 +92,12 @@ class MetricsWriter:
     self._tb.clear()
 
 
-def _step_of(line: str) -> int | None:
-  """The step of a metrics.jsonl line; None for one that does not parse (a
-  line cut short by a crash, which must not stop the next run)."""
+def _entry(line: str) -> tuple[int, str] | None:
+  """(step, split) of a metrics.jsonl line; None for one that does not parse
+  (a line cut short by a crash, which must not stop the next run)."""
   try:
-    return int(json.loads(line)['step'])
+    row = json.loads(line)
+    return int(row['step']), str(row['split'])
   except (ValueError, KeyError, TypeError):
     return None
 
