@@ -1,11 +1,12 @@
 """Orbax checkpoints of the train state and the data iterator.
 
-A checkpoint step holds two items: `state` (the train state, as sharded
-arrays, restorable onto any mesh) and `data` (the Grain iterator's position,
-one entry per process), so a resumed run sees exactly the batches the
-uninterrupted run would have seen. Orbax writes each step to a temporary
-directory and renames it when complete, so a run killed mid-save resumes from
-the previous complete step.
+A checkpoint step holds `state` (the train state, as sharded arrays,
+restorable onto any mesh), `data` (the Grain iterator's position, one entry
+per process), so a resumed run sees exactly the batches the uninterrupted run
+would have seen, and for translation tasks `meta` (the SHA-256 digests of the
+vocabulary files the state was trained with). Orbax writes each step to a
+temporary directory and renames it when complete, so a run killed mid-save
+resumes from the previous complete step.
 """
 
 import logging
