@@ -168,12 +168,19 @@ def test_an_error_during_training_still_finishes_the_checkpoint(
 
 def test_resumed_logs_equal_the_uninterrupted_ones(tmp_path):
   """Killed after step 10 (its last checkpoint step 8), with log windows
-  that straddle checkpoints: the resumed run logs what the other did."""
+  that straddle checkpoints: the resumed run logs what the other did. With
+  dropout and a warmup + cosine schedule, so the dropout rng and the
+  schedule must resume where they were too."""
   config = tiny_config(
     num_train_steps=12,
     checkpoint_every_steps=4,
     log_every_steps=5,
     eval_every_steps=100,
+    **{
+      'model.dropout_rate': 0.2,
+      'optimizer.schedule': 'cosine',
+      'optimizer.warmup_steps': 5,
+    },
   )
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   train_lib.train_and_evaluate(config, str(straight))
