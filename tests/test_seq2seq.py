@@ -330,6 +330,14 @@ def test_greedy_is_argmax_of_its_own_forward_pass(
     np.testing.assert_array_equal(row[upto], best[upto])
 
 
+def _reversed_by_hand(inputs, lengths):
+  """Each row's first `length` tokens reversed, the padding left in place."""
+  by_hand = np.array(inputs)
+  for row, length in enumerate(np.asarray(lengths)):
+    by_hand[row, :length] = by_hand[row, :length][::-1]
+  return by_hand
+
+
 @pytest.mark.parametrize('bidirectional', [False, True])
 def test_reverse_source_reads_the_reversed_tokens(bidirectional):
   """The encoder with reverse_source == the plain encoder on sources
@@ -338,9 +346,7 @@ def test_reverse_source_reads_the_reversed_tokens(bidirectional):
   plain = _model('gru', 'bahdanau', bidirectional)
   reversing = _model('gru', 'bahdanau', bidirectional, reverse_source=True)
   variables = _init(plain, scale=1.0)
-  by_hand = np.array(inputs)
-  for row, length in enumerate(np.asarray(lengths)):
-    by_hand[row, :length] = by_hand[row, :length][::-1]
+  by_hand = _reversed_by_hand(inputs, lengths)
 
   def encode(model, tokens):
     return model.apply(
@@ -360,6 +366,35 @@ def test_reverse_source_reads_the_reversed_tokens(bidirectional):
       outputs[row, :length], expected_outputs[row, :length][::-1], atol=1e-6
     )
   np.testing.assert_array_equal(outputs[0, 0], expected_outputs[0, S - 1])
+
+
+def test_bahdanau_initial_state_reads_the_whole_reversed_source():
+  """s_0 = tanh(W_s h<-_1) of the sequence the encoder reads: with
+  reverse_source, the plain model's s_0 on sources reversed by hand (not
+  the backward state at the first source token, which has read only it)."""
+  inputs, _, lengths = _batch(lengths=(S, 3, 1))
+  plain = _model('gru', 'bahdanau', True, num_layers=1)
+  reversing = _model('gru', 'bahdanau', True, num_layers=1, reverse_source=True)
+  variables = _init(plain, scale=1.0)
+
+  def initial_carries(model, tokens):
+    encoded = model.apply(
+      variables, tokens, source_lengths=lengths, method='encode'
+    )
+    state = model.apply(
+      variables,
+      encoded,
+      tokens,
+      source_lengths=lengths,
+      method='initial_decoder_state',
+    )
+    return state['carries']
+
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, atol=1e-6),
+    initial_carries(reversing, inputs),
+    initial_carries(plain, jnp.asarray(_reversed_by_hand(inputs, lengths))),
+  )
 
 
 def test_tokens_after_eos_are_pad():

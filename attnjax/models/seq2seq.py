@@ -11,7 +11,8 @@ One encoder, several decoders behind one interface, chosen by
 - `bahdanau`: attends from the previous state s_{t-1} before the cell
   update; the cell and the maxout output layer see y_{t-1}, s_{t-1} and the
   context c_t; s_0 = tanh(W_s h<-_1), the backward encoder's state at the
-  first source token (Bahdanau, Cho & Bengio 2015).
+  first token it reads, which has read the whole source (Bahdanau, Cho &
+  Bengio 2015).
 - `luong`: attends from the new state h_t after the cell; the attentional
   state h~_t = tanh(W_c [c_t; h_t]) gives the logits and is fed to the next
   step's cell (input feeding); s_0 is the encoder's final state (Luong, Pham &
@@ -668,7 +669,10 @@ class BahdanauDecoder(_MaxoutDecoder):
 
   as in seed 000's `AttentionDecoder`. With a bidirectional encoder every
   layer starts from tanh(W_s h<-_1), h<-_1 being the top encoder layer's
-  backward state at the first source token; otherwise from the encoder's
+  backward state at the first token the encoder reads: the first source
+  token, or the last valid one with `reverse_source` (the encoder then reads
+  x_L .. x_1, its backward RNN x_1 .. x_L); either way the state that has
+  read the whole source. Otherwise every layer starts from the encoder's
   final hidden state.
   """
 
@@ -680,7 +684,15 @@ class BahdanauDecoder(_MaxoutDecoder):
     config = self.config
     outputs, final_state = encoded
     if config.bidirectional:
-      summary = outputs[:, 0, config.hidden_dim :]
+      # h<-_1 of the sequence the encoder read; `outputs` are in source
+      # order, so with reverse_source that is the last valid token.
+      first = jnp.zeros(outputs.shape[:1], jnp.int32)
+      if config.reverse_source:
+        lengths = jnp.sum(source_mask, axis=-1, dtype=jnp.int32)
+        first = jnp.maximum(lengths - 1, 0)
+      summary = jnp.take_along_axis(
+        outputs[..., config.hidden_dim :], first[:, None, None], axis=1
+      )[:, 0]
     else:
       summary = carry_hidden(config, final_state[-1])
     return {
