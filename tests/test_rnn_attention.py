@@ -122,6 +122,31 @@ def test_hoisted_scores_equal_the_pure_score(score, project_keys):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('score', SCORE_NAMES)
+def test_bfloat16_scores_stay_in_bfloat16(score):
+  """The float32 score weights are cast to the computation dtype: left as
+  they are, they promoted bfloat16 scores (and the additive family's
+  `[batch, 1, source_len, hidden]` activations) to float32."""
+  spec = _spec(score)
+  query, keys, mask, previous = _inputs(spec.key_dim)
+  params = _random_params(spec, query, keys, mask, previous)
+  expected = rnn_attention.DecoderAttention(spec).apply(
+    {'params': params}, query, keys, mask, previous, method=_hoisted_scores
+  )
+  got = rnn_attention.DecoderAttention(spec, dtype=jnp.bfloat16).apply(
+    {'params': params},
+    query.astype(jnp.bfloat16),
+    keys.astype(jnp.bfloat16),
+    mask,
+    previous,
+    method=_hoisted_scores,
+  )
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+    got.astype(jnp.float32), expected, rtol=0.05, atol=0.1
+  )
+
+
 def test_location_aware_scores_see_the_previous_alignment():
   spec = _spec('location_aware')
   query, keys, mask, previous = _inputs(spec.key_dim)

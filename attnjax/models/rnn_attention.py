@@ -281,13 +281,20 @@ class DecoderAttention(nn.Module):
   def scores(self, query: Array, memory: Memory, previous: Array) -> Array:
     """Raw scores `[batch, source_len]` of the query `[batch, query_dim]`;
     equal to the registered score function on the unprojected keys."""
-    spec, p = self.spec, self.score_params
+    spec = self.spec
     keys = memory['keys']
+    # In the computation dtype, as flax casts a layer's parameters: float32
+    # weights would promote 16-bit scores (and the additive family's
+    # [batch, 1, source_len, hidden] activations) to float32.
+    p = {name: w.astype(keys.dtype) for name, w in self.score_params.items()}
     q = query[:, None, :].astype(keys.dtype)
     if spec.score in _ADDITIVE:
       v = p['v']
       if spec.score == 'normed_additive':
-        v = p['g'] * v * jax.lax.rsqrt(jnp.sum(v * v))
+        # Normalised in float32, then cast: a 16-bit ||v|| is coarse.
+        raw_v, g = self.score_params['v'], self.score_params['g']
+        v = g * raw_v * jax.lax.rsqrt(jnp.sum(raw_v * raw_v))
+        v = v.astype(keys.dtype)
       if spec.score == 'location_aware':
         features = scores.location_features(previous[:, None, :], self.conv)
         keys = keys + (features[:, 0] @ self.w_f).astype(keys.dtype)
