@@ -114,7 +114,11 @@ class Seq2SeqConfig:
     score: the attention decoders' score function, a name in
       `attnjax.scores.SCORES`; '' picks the decoder's default ('additive'
       for bahdanau, 'general' for luong, 'normed_additive' for monotonic
-      and 'location_aware' for location-aware alignments).
+      and 'location_aware' for location-aware alignments). Luong's
+      "concat" score, v^T tanh(W [h_t; h_s]), is 'additive' here; 'concat'
+      is the linear w^T [q; k], whose query term is the same at every
+      source position and cancels in a softmax, so under the 'soft',
+      'hard' and 'local_m' alignments its weights ignore the decoder state.
     alignment: one of `rnn_attention.ALIGNMENTS`: 'soft', 'hard',
       'local_m', 'local_p', 'monotonic', 'location_aware'.
     attention_dim: H of the additive scores and of local-p's position
@@ -816,8 +820,9 @@ class Seq2Seq(nn.Module):
       inputs: int `[batch, source_len]`.
       targets: int `[batch, target_len]`, EOS-terminated and PAD-padded; the
         decoder inputs are BOS followed by `targets[:, :-1]`.
-      train: enables dropout (needs the 'dropout' rng when
-        `dropout_rate > 0`).
+      train: enables dropout and the stochastic alignments (needs the
+        'dropout' rng when `dropout_rate > 0` or the alignment is 'hard' or
+        'monotonic').
       source_lengths: optional int `[batch]`.
 
     Returns:
