@@ -168,7 +168,10 @@ def concat(q: Array, k: Array, w: Array) -> Array:
   """Linear score on the concatenation, w^T [q; k]; `w: [q_depth + k_depth]`.
 
   Computed as (q w_q)[:, None] + (k w_k)[None, :] so that the concatenated
-  `[q_len, k_len, q_depth + k_depth]` tensor never exists.
+  `[q_len, k_len, q_depth + k_depth]` tensor never exists. The query's term
+  is the same for every key, so a softmax over keys cancels it: the weights
+  depend on the keys alone (seed 004's "W[q,k]"). Luong et al.'s "concat",
+  v^T tanh(W [q; k]), is `additive`.
   """
   _check_qk(q, k, 'concat')
   chex.assert_shape(
