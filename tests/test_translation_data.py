@@ -469,6 +469,43 @@ def test_into_english_no_heldout_source_is_a_training_source(tmp_path, caplog):
   assert len(test_sources(forward)) == len(test_sources(reverse)) + 1
 
 
+def test_prepared_dataset_of_other_sources_is_refused(tmp_path):
+  """TFDS reuses a prepared dataset; one built from other files or options
+  than the ones given now is an error, not the old text served silently."""
+  lines = [f'sentence {i}\tphrase {i}' for i in range(40)]
+  folder = _anki_file(tmp_path / 'src', lines)
+  tfds_dir = tmp_path / 'tfds'
+
+  def load(**kwargs):
+    kwargs = {'source_dir': str(folder), **kwargs}
+    return translation.load_pairs(
+      'anki/fra-eng', 'train', data_dir=tfds_dir, **kwargs
+    )
+
+  built = list(load())
+  assert list(load()) == built  # reused as it is
+  copy = _anki_file(tmp_path / 'copy', lines)
+  assert list(load(source_dir=str(copy))) == built  # same bytes: fine
+  with pytest.raises(translation.TranslationDataError, match='on_bad_line'):
+    load(on_bad_line='skip')
+  _anki_file(folder, [*lines, 'New.\tNouveau.'])
+  with pytest.raises(
+    translation.TranslationDataError,
+    match=r'(?s)other source files.*fra\.txt.*tfds_dir',
+  ):
+    load()
+  os.remove(folder / 'fra.txt')  # gone since the build: the build stands
+  assert list(load()) == built
+
+
+def test_multi30k_record_names_files_as_the_dataset_does(tmp_path):
+  folder = _fake_multi30k(tmp_path / 'src')
+  builder = _build(translation.Multi30k, tmp_path, source_dir=folder)
+  record = builder.info.metadata['sources']
+  assert sorted(record['files']) == sorted(translation.MULTI30K_FILES)
+  assert record['options'] == {'on_bad_utf8': 'error'}
+
+
 def test_anki_split_is_stable():
   # Pinned: changing the hash or the ratios moves pairs between splits, so
   # it must come with a new builder version.

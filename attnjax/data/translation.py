@@ -34,8 +34,13 @@ Bad input raises `TranslationDataError`, naming the file and the fix. Lines
 that are not UTF-8 (`on_bad_utf8`) and anki lines without 2 or 3 columns
 (`on_bad_line`) raise by default, or are skipped with a logged count when
 the option is `'skip'`. A skipped multi30k line drops the pair, on both
-sides. These options change what is written, so build with a different
-`data_dir` when changing them.
+sides.
+
+TFDS prepares a dataset once per `data_dir` and reuses it. Each build
+records the SHA-256 of the source files it read and its `on_bad_*`
+options; `load_pairs` refuses a prepared dataset whose record differs from
+the files and options it is given now (a new release of `fra.txt` in
+`source_dir`, say), instead of silently serving the old text.
 """
 
 import collections
@@ -138,6 +143,16 @@ def _read_gzip(path: str, name: str) -> bytes:
     ) from None
 
 
+def _source_record(paths: dict[str, str], options: dict[str, str]) -> dict:
+  """{'files': {name: sha256}, 'options': options}: what a build read from
+  `paths` ({name: path}, the names as the dataset knows its files)."""
+  files = {}
+  for name, path in sorted(paths.items()):
+    with open(path, 'rb') as f:
+      files[name] = hashlib.file_digest(f, 'sha256').hexdigest()
+  return {'files': files, 'options': dict(options)}
+
+
 def _data_dir_from_env(subdir: str) -> str | None:
   root = os.environ.get(DATA_DIR_ENV)
   return os.path.join(root, subdir) if root else None
@@ -145,6 +160,49 @@ def _data_dir_from_env(subdir: str) -> str | None:
 
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the builders here."""
+
+  def _local_sources(self) -> dict[str, str]:
+    """{name: path} of the local files this builder reads (raises
+    `TranslationDataError` if there are none)."""
+    raise NotImplementedError
+
+  def _options(self) -> dict[str, str]:
+    return {'on_bad_utf8': self.on_bad_utf8}
+
+  def _record_sources(self, paths: dict[str, str]) -> None:
+    """Stores what this build read in its `DatasetInfo` (`check_sources`)."""
+    self.info.metadata['sources'] = _source_record(paths, self._options())
+
+  def check_sources(self) -> None:
+    """Refuses a prepared dataset built from other files or options than
+    this builder's (a no-op without local files to compare, e.g. when the
+    dataset was downloaded, or for a build that predates the record)."""
+    saved = (self.info.metadata or {}).get('sources')
+    if saved is None:
+      return
+    try:
+      paths = self._local_sources()
+    except TranslationDataError:  # Gone since the build: the build stands.
+      return
+    current = _source_record(paths, self._options())
+    if saved == current:
+      return
+    differ = sorted(
+      key
+      for key in {**saved['files'], **current['files']}
+      if saved['files'].get(key) != current['files'].get(key)
+    ) + sorted(
+      key
+      for key in current['options']
+      if saved['options'].get(key) != current['options'][key]
+    )
+    raise TranslationDataError(
+      f'the prepared dataset in {self.data_dir} was built from other source '
+      f'files or options (differing: {", ".join(differ)}) than the ones '
+      f'given now: {", ".join(paths.values())} with {current["options"]}. '
+      'TFDS would serve the old build: delete that folder to rebuild it, or '
+      'set config.data.tfds_dir to another folder.'
+    )
 
   # tfds 4.9's default `code_path` imports `importlib_resources`, which it
   # declares only for Python < 3.9; point it at this file instead.
@@ -189,13 +247,20 @@ class Multi30k(_Builder):
       supervised_keys=('de', 'en'),
       homepage='https://github.com/multi30k/dataset',
       disable_shuffling=True,  # Keep file order: line i is example i.
+      metadata=tfds.core.MetadataDict(),
     )
+
+  def _local_sources(self) -> dict[str, str]:
+    if not self.source_dir:
+      raise TranslationDataError('multi30k: no local folder (downloaded).')
+    return _local_multi30k_files(self.source_dir)
 
   def _split_generators(self, dl_manager):
     if self.source_dir:
       paths = _local_multi30k_files(self.source_dir)
     else:
       paths = _download_multi30k(dl_manager)
+    self._record_sources(paths)
     return {
       split: self._generate_examples(stem, paths)
       for split, stem in MULTI30K_SPLITS.items()
@@ -336,7 +401,14 @@ class Anki(_Builder):
       ),
       supervised_keys=('en', lang),
       homepage=ANKI_URL,
+      metadata=tfds.core.MetadataDict(),
     )
+
+  def _local_sources(self) -> dict[str, str]:
+    return {self.builder_config.file_name: self._source_file()}
+
+  def _options(self) -> dict[str, str]:
+    return {**super()._options(), 'on_bad_line': self.on_bad_line}
 
   def _source_file(self) -> str:
     config = self.builder_config
@@ -366,6 +438,7 @@ class Anki(_Builder):
   def _split_generators(self, dl_manager):
     del dl_manager  # Local files only.
     path = self._source_file()
+    self._record_sources({self.builder_config.file_name: path})
     pairs = read_anki_pairs(
       path, on_bad_utf8=self.on_bad_utf8, on_bad_line=self.on_bad_line
     )
@@ -525,10 +598,9 @@ def load_pairs(
     A sequence with random access, usable as a Grain data source.
   """
   src, tgt = directions(name, reverse)
-  source = tfds.data_source(
-    name,
-    split=split,
-    data_dir=os.fspath(data_dir) if data_dir else None,
-    builder_kwargs=builder_kwargs or None,
+  builder = tfds.builder(
+    name, data_dir=os.fspath(data_dir) if data_dir else None, **builder_kwargs
   )
-  return PairSource(source, src, tgt)
+  builder.download_and_prepare()  # Once per data_dir; then a no-op.
+  builder.check_sources()
+  return PairSource(builder.as_data_source(split=split), src, tgt)
