@@ -298,9 +298,8 @@ class Experiment:
     """Everything `config` defines. A translation task keeps its
     vocabularies in `workdir` and trains them there if missing (unless
     `train_vocab` is False, when a missing one raises)."""
-    task = make_task(config, workdir, train_vocab=train_vocab)
-    model = build_model(config, task)
-    tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    # The mesh first: its errors come before a translation task spends
+    # minutes training vocabularies.
     mesh = sharding.make_mesh(
       config.mesh.data, config.mesh.model, config.mesh.num_devices
     )
@@ -312,6 +311,9 @@ class Experiment:
           f'of the mesh ({data_size} devices). Pick a multiple of '
           f'{data_size} or change config.mesh.'
         )
+    task = make_task(config, workdir, train_vocab=train_vocab)
+    model = build_model(config, task)
+    tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
     init = functools.partial(_init_state, model, tx, task)
     abstract_state = jax.eval_shape(init, jax.random.key(0))
     shardings = sharding.state_shardings(abstract_state, mesh)

@@ -409,6 +409,15 @@ def test_bad_data_config_names_the_field():
     parallel.TranslationData.from_config({'task': 'multi30k', 'vocab': 3})
 
 
+def test_batch_size_for_the_mesh_is_checked_before_the_vocabularies(
+  tfds_dir, tmp_path
+):
+  config = tiny_config(tfds_dir, batch_size=12)  # 8 devices on the data axis
+  with pytest.raises(ValueError, match='config.batch_size=12 is not divisible'):
+    train_lib.Experiment.create(config, tmp_path)
+  assert not any(tmp_path.iterdir())  # no vocabulary trained first
+
+
 # ---------------------------------------------------------------------------
 # Train -> checkpoint -> evaluate -> decode.
 
