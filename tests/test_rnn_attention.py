@@ -263,7 +263,14 @@ def test_good_attention_settings(overrides):
 
 @pytest.mark.parametrize('decoder', ['sutskever', 'cho'])
 @pytest.mark.parametrize(
-  'overrides', [dict(score='dot'), dict(alignment='hard')], ids=str
+  'overrides',
+  [
+    dict(score='dot'),
+    dict(alignment='hard'),
+    dict(attention_dim=8),
+    dict(project_keys=True),
+  ],
+  ids=str,
 )
 def test_attention_settings_without_attention(decoder, overrides):
   with pytest.raises(ValueError, match=f'decoder {decoder!r} has no attention'):

@@ -202,12 +202,19 @@ class Seq2SeqConfig:
         raise ValueError(
           f'Seq2SeqConfig (decoder {self.decoder!r}): {e}'
         ) from None
-    elif self.score or self.alignment != 'soft':
+    elif (
+      self.score
+      or self.alignment != 'soft'
+      or self.attention_dim
+      or self.project_keys
+    ):
       raise ValueError(
         f'decoder {self.decoder!r} has no attention, so score='
-        f'{self.score!r} and alignment={self.alignment!r} would be ignored. '
-        f'Use one of the attention decoders ({", ".join(ATTENTION_DECODERS)}) '
-        "or leave score '' and alignment 'soft'."
+        f'{self.score!r}, alignment={self.alignment!r}, attention_dim='
+        f'{self.attention_dim} and project_keys={self.project_keys} would be '
+        'ignored. Use one of the attention decoders '
+        f"({', '.join(ATTENTION_DECODERS)}) or leave score '', alignment "
+        "'soft', attention_dim 0 and project_keys False."
       )
     if not self.input_feeding and self.decoder != 'luong':
       raise ValueError(
