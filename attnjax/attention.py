@@ -13,6 +13,7 @@ for every score function.
 """
 
 import functools
+import operator
 from collections.abc import Callable
 
 import chex
@@ -167,11 +168,16 @@ def chunked_attention(
     context `[..., q_len, v_depth]` in the dtype of `v`.
   """
   _check_qkv(q, k, v, 'chunked_attention')
-  if not isinstance(chunk_size, int) or chunk_size <= 0:
+  try:  # Any integer (numpy's too), but not a bool or a float.
+    valid = not isinstance(chunk_size, bool) and operator.index(chunk_size) > 0
+  except TypeError:
+    valid = False
+  if not valid:
     raise ValueError(
       f'chunked_attention: chunk_size must be a positive int; got '
       f'{chunk_size!r}.'
     )
+  chunk_size = operator.index(chunk_size)
   q_len, k_len = q.shape[-2], k.shape[-2]
   if causal and k_len < q_len:
     raise ValueError(

@@ -701,11 +701,19 @@ RUNNERS = pytest.mark.parametrize(
 )
 
 
-@pytest.mark.parametrize('chunk_size', [0, -1])
+@pytest.mark.parametrize('chunk_size', [0, -1, True, 2.0, np.int64(0)])
 def test_chunked_rejects_bad_chunk_size(chunk_size):
   q, k, v = _qkv(np.random.default_rng(10))
   with pytest.raises(ValueError, match='chunk_size'):
     attention.chunked_attention(q, k, v, scores.dot, chunk_size=chunk_size)
+
+
+def test_chunked_takes_a_numpy_chunk_size():
+  q, k, v = _qkv(np.random.default_rng(10))
+  np.testing.assert_array_equal(
+    attention.chunked_attention(q, k, v, scores.dot, chunk_size=np.int64(3)),
+    attention.chunked_attention(q, k, v, scores.dot, chunk_size=3),
+  )
 
 
 @RUNNERS
