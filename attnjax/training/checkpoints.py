@@ -61,7 +61,8 @@ def latest_step(workdir: str | pathlib.Path) -> int | None:
   """The latest complete checkpoint step in `workdir`, or None."""
   if not (pathlib.Path(workdir) / CHECKPOINT_DIR).is_dir():
     return None
-  return manager(workdir, read_only=True).latest_step()
+  with manager(workdir, read_only=True) as mngr:
+    return mngr.latest_step()
 
 
 def save(
