@@ -697,13 +697,15 @@ class BahdanauDecoder(_MaxoutDecoder):
     if config.bidirectional:
       # h<-_1 of the sequence the encoder read; `outputs` are in source
       # order, so with reverse_source that is the last valid token.
-      first = jnp.zeros(outputs.shape[:1], jnp.int32)
+      backward = outputs[..., config.hidden_dim :]
       if config.reverse_source:
         lengths = jnp.sum(source_mask, axis=-1, dtype=jnp.int32)
         first = jnp.maximum(lengths - 1, 0)
-      summary = jnp.take_along_axis(
-        outputs[..., config.hidden_dim :], first[:, None, None], axis=1
-      )[:, 0]
+        summary = jnp.take_along_axis(backward, first[:, None, None], axis=1)[
+          :, 0
+        ]
+      else:
+        summary = backward[:, 0]
     else:
       summary = carry_hidden(config, final_state[-1])
     return {
