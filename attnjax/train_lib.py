@@ -910,7 +910,9 @@ def _train_steps(
   writer: metrics.MetricsWriter,
 ) -> dict[str, Any]:
   """Steps `start + 1` to the end, with the logs, checkpoints and held-out
-  evaluations on their schedules; returns the last evaluation."""
+  evaluations on their schedules; returns the last evaluation. A resumed
+  run first evaluates step `start` if the run that saved it should have
+  evaluated there but did not log the result."""
   config = exp.config
   step_fn, eval_step = make_train_step(exp), make_eval_step(exp)
   rng = jax.random.key(config.seed)

@@ -1,8 +1,8 @@
 """TFDS builders for parallel text: `multi30k` and `anki` (no TensorFlow).
 
 Both builders write array_record files, so the splits are read back with
-random access through `tfds.data_source` (see `load_pairs`), which is what
-the Grain pipeline wants.
+random access through the builder's `as_data_source` (see `load_pairs`),
+which is what the Grain pipeline wants.
 
 - `multi30k`: German-English image captions (WMT16 multimodal task 1).
   Splits `train` 29,000, `validation` 1,014, `test_2016` 1,000 pairs;
@@ -596,6 +596,11 @@ def load_pairs(
 
   Returns:
     A sequence with random access, usable as a Grain data source.
+
+  Raises:
+    TranslationDataError: bad source files, or a dataset prepared in
+      `data_dir` from other source files or `on_bad_*` options than these
+      (see `_Builder.check_sources`).
   """
   src, tgt = directions(name, reverse)
   builder = tfds.builder(
