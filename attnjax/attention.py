@@ -106,12 +106,19 @@ def dot_product_attention(
       f'{k.shape[-1]}); project them to a common depth first.'
     )
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  # Scaling q ([q_len, depth]) is cheaper than scaling the logits ([q_len,
+  # k_len], an extra pass over them when there is no mask to fuse it with:
+  # 5-10% of the step at length 2048 on CPU). A 16-bit q would round q *
+  # scale once more, so 16-bit inputs scale the float32 logits, as jax.nn.
+  scale_q = jnp.dtype(q.dtype).itemsize >= 4
   logits = jnp.einsum(
-    '...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32
+    '...qd,...kd->...qk',
+    q * jnp.asarray(scale, q.dtype) if scale_q else q,
+    k,
+    preferred_element_type=jnp.float32,
   )
-  # Scaled in float32, as jax.nn does: scaling a 16-bit q first rounds
-  # q * scale once more whenever the scale is not a power of two.
-  logits = logits * jnp.asarray(scale, jnp.float32)
+  if not scale_q:
+    logits = logits * jnp.asarray(scale, jnp.float32)
   return weighted_sum(masks.masked_softmax(logits, mask), v)
 
 
