@@ -143,8 +143,13 @@ def normed_additive(
   """
   _check_additive(q, k, w_q, w_k, v, b, 'normed_additive')
   chex.assert_rank(g, 0, custom_message='normed_additive: g is a scalar')
-  v_normed = g * v * jax.lax.rsqrt(jnp.sum(v * v))
-  return additive_from_projections(q @ w_q, k @ w_k, v_normed, b)
+  # In float32: ||v||^2 overflows float16 for |v| of a few hundred, and
+  # rounding the sum, its rsqrt and the products apart costs bf16 bits.
+  v32 = v.astype(jnp.float32)
+  v_normed = g.astype(jnp.float32) * v32 * jax.lax.rsqrt(jnp.sum(v32 * v32))
+  return additive_from_projections(
+    q @ w_q, k @ w_k, v_normed.astype(v.dtype), b
+  )
 
 
 def cosine(q: Array, k: Array) -> Array:

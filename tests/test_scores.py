@@ -151,6 +151,25 @@ def test_normed_additive_ignores_scale_of_v():
   np.testing.assert_allclose(out, out_scaled, **TOL)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float16, jnp.bfloat16])
+def test_normed_additive_low_precision_normalises_in_float32(dtype):
+  # |v| ~ 200 over 8 units: ||v||^2 overflows float16 (it gave all zeros).
+  # The normalised v is rounded once, so the scores equal `additive` with the
+  # float64 g v / ||v|| rounded to `dtype`.
+  rng, q, k = _qk(6, (3, 4), (5, 4))
+  w_q, w_k, v, b = _additive_weights(rng, 4, 4, 8)
+  q, k, w_q, w_k, b = (jnp.asarray(x, dtype) for x in (q, k, w_q, w_k, b))
+  v = jnp.asarray(200.0 * v, dtype)
+  out = _jit(
+    scores.normed_additive, q, k, w_q, w_k, v, jnp.asarray(1.5, dtype), b
+  )
+  v64 = np.asarray(v, np.float64)
+  v_unit = jnp.asarray(1.5 * v64 / np.sqrt(np.sum(v64**2)), dtype)
+  ref = _jit(scores.additive, q, k, w_q, w_k, v_unit, b)
+  np.testing.assert_array_equal(out, ref)
+  assert np.abs(np.asarray(out, np.float32)).max() > 0.1
+
+
 def _ref_cosine(a, b):
   na, nb = np.linalg.norm(a), np.linalg.norm(b)
   if na == 0 or nb == 0:
