@@ -6,8 +6,11 @@ configs.
 """
 
 import json
+import os
 import pathlib
 import shutil
+import socket
+import subprocess
 import sys
 
 import grain
@@ -34,6 +37,12 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope='module')
 def tfds_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
 
 
 def tiny_config(tfds_dir, module=multi30k_transformer, **overrides):
@@ -122,7 +131,8 @@ def test_process_zero_prepares_data_and_vocabularies_first(
 ):
   """Two processes simulated one after the other on a shared workdir:
   process 0 reads the data (building it) and trains the vocabularies
-  before each barrier; process 1 reads nothing before the first."""
+  before it broadcasts that it succeeded (0); process 1 reads nothing and
+  learns from the broadcasts that the vocabularies exist."""
   from jax.experimental import multihost_utils
 
   events = []
@@ -132,12 +142,13 @@ def test_process_zero_prepares_data_and_vocabularies_first(
     events.append('read data')
     return load_pairs(*args, **kwargs)
 
+  def logged_broadcast(x):
+    events.append(f'broadcast {int(x)}')
+    return x
+
   monkeypatch.setattr(parallel.translation_lib, 'load_pairs', logged_load)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  monkeypatch.setattr(
-    multihost_utils, 'sync_global_devices', lambda name: events.append(name)
-  )
-  monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all', lambda x: x)
+  monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all', logged_broadcast)
   per_process = []
   for index in (0, 1):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
@@ -145,13 +156,42 @@ def test_process_zero_prepares_data_and_vocabularies_first(
     make_task(tfds_dir, tmp_path)
     per_process.append(list(events))
   assert per_process == [
-    [
-      'read data',
-      'attnjax tfds dataset prepared',
-      'read data',
-      'attnjax vocabularies written',
-    ],
-    ['attnjax tfds dataset prepared'],
+    # Built; vocabularies missing; trained.
+    ['read data', 'broadcast 0', 'broadcast 1', 'read data', 'broadcast 0'],
+    # Vocabularies present.
+    ['broadcast 0', 'broadcast 0'],
+  ]
+
+
+def test_failure_on_process_zero_stops_every_process(tmp_path):
+  """Process 0 cannot prepare the data (no such folder): it raises its own
+  error, and process 1 one that points at it, at once, instead of timing
+  out at a barrier."""
+  port = _free_port()
+  flags = [
+    f'--config={ROOT / "configs" / "multi30k_transformer.py"}:tiny',
+    f'--workdir={tmp_path / "workdir"}',
+    f'--config.data.source_dir={tmp_path / "nothing"}',
+    f'--config.data.tfds_dir={tmp_path / "tfds"}',
+    f'--coordinator_address=localhost:{port}',
+    '--num_processes=2',
+  ]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(ROOT / 'train.py'), *flags, f'--process_id={i}'],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [proc.communicate(timeout=120)[0] for proc in procs]
+  assert [proc.returncode for proc in procs] == [1, 1], outs
+  assert 'Multi30k data folder' in outs[0], outs[0][-2000:]
+  assert 'process 0 failed to prepare the TFDS dataset' in outs[1], outs[1][
+    -2000:
   ]
 
 

@@ -61,6 +61,33 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
 _log = logging.getLogger(__name__)
 
 
+def _on_process_0(prepare, what: str) -> None:
+  """Runs `prepare()` on process 0 while the other processes wait.
+
+  Every process learns whether it succeeded: process 0 re-raises its error,
+  the others raise one pointing at process 0's log, instead of waiting at a
+  barrier process 0 never reaches.
+  """
+  import jax  # Only to agree across processes.
+  from jax.experimental import multihost_utils
+
+  error = None
+  if jax.process_index() == 0:
+    try:
+      prepare()
+    except Exception as e:  # Re-raised below, after telling the others.
+      error = e
+  if jax.process_count() > 1:
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is None and bool(failed):
+      raise RuntimeError(
+        f'process 0 failed to {what}; its log shows why. Fix that and '
+        'restart every process.'
+      )
+  if error is not None:
+    raise error
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TranslationData:
   """`config.data` of a translation run (see configs/translation.py).
@@ -264,13 +291,11 @@ class TranslationTask:
     same time; `tfds_dir` must be on a file system all processes share.
     A single process builds it on first use instead."""
     import jax  # Only to agree across processes.
-    from jax.experimental import multihost_utils
 
-    if jax.process_count() == 1:
-      return
-    if jax.process_index() == 0:
-      self.pairs(self.data.train_split)
-    multihost_utils.sync_global_devices('attnjax tfds dataset prepared')
+    if jax.process_count() > 1:
+      _on_process_0(
+        lambda: self.pairs(self.data.train_split), 'prepare the TFDS dataset'
+      )
 
   def _train_pairs(self) -> list[tuple[str, str]]:
     return list(self.pairs(self.data.train_split))
@@ -357,41 +382,43 @@ class TranslationTask:
       missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
     if not missing:
       return
-    if jax.process_index() == 0:
-      pairs = self._train_pairs()
-      texts = {
-        'joint': [text for pair in pairs for text in pair],
-        'source': [source for source, _ in pairs],
-        'target': [target for _, target in pairs],
-      }
-      for name, path in paths.items():
-        _log.info(
-          'Training a %d-piece SentencePiece vocabulary (%s) on %d sentences '
-          'of %s %s; saving it to %s.',
-          self.data.vocab_size,
-          name,
-          len(texts[name]),
-          self.name,
-          self.data.train_split,
-          path,
-        )
-        tokenizer.train_vocab(
-          texts[name],
-          path,
-          vocab_size=self.data.vocab_size,
-          model_type=self.data.vocab_model_type,
-          character_coverage=self.data.character_coverage,
-        )
-      params = json.dumps(self._vocab_params(), indent=2)
-      (self.vocab_dir / _VOCAB_PARAMS).write_text(params + '\n')
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('attnjax vocabularies written')
-      if not all(p.exists() for p in paths.values()):
-        raise FileNotFoundError(
-          f'process {jax.process_index()} does not see the vocabularies '
-          f'process 0 wrote to {self.vocab_dir}: the workdir must be on a '
-          'file system all processes share.'
-        )
+    _on_process_0(lambda: self._write_vocabs(paths), 'train the vocabularies')
+    if jax.process_count() > 1 and not all(p.exists() for p in paths.values()):
+      raise FileNotFoundError(
+        f'process {jax.process_index()} does not see the vocabularies '
+        f'process 0 wrote to {self.vocab_dir}: the workdir must be on a '
+        'file system all processes share.'
+      )
+
+  def _write_vocabs(self, paths: dict[str, pathlib.Path]) -> None:
+    """Trains a SentencePiece model for each of `paths` on the training
+    split and records the parameters beside them."""
+    pairs = self._train_pairs()
+    texts = {
+      'joint': [text for pair in pairs for text in pair],
+      'source': [source for source, _ in pairs],
+      'target': [target for _, target in pairs],
+    }
+    for name, path in paths.items():
+      _log.info(
+        'Training a %d-piece SentencePiece vocabulary (%s) on %d sentences '
+        'of %s %s; saving it to %s.',
+        self.data.vocab_size,
+        name,
+        len(texts[name]),
+        self.name,
+        self.data.train_split,
+        path,
+      )
+      tokenizer.train_vocab(
+        texts[name],
+        path,
+        vocab_size=self.data.vocab_size,
+        model_type=self.data.vocab_model_type,
+        character_coverage=self.data.character_coverage,
+      )
+    params = json.dumps(self._vocab_params(), indent=2)
+    (self.vocab_dir / _VOCAB_PARAMS).write_text(params + '\n')
 
   def vocab_digests(self) -> dict[str, str]:
     """SHA-256 of each vocabulary file, by role ('source', 'target')."""
