@@ -874,6 +874,14 @@ def train_and_evaluate(
       f'{e} Config fields changed since that checkpoint: '
       f'{"; ".join(changed) or "none"}.'
     ) from e
+  if start and (changed := _changed_fields(config, workdir)):
+    # Allowed (to extend a run, say), but the steps from here are not those
+    # of an uninterrupted run under either config: said once, in the log.
+    logging.warning(
+      'Resuming from step %d under a changed config: %s.',
+      start,
+      '; '.join(changed),
+    )
   # Saved only once the checkpoint (if any) is known to fit this config, so
   # a refused resume leaves the workdir usable.
   save_config(config, workdir)

@@ -342,7 +342,7 @@ def test_checkpoint_from_eight_devices_restores_on_one(tmp_path):
   assert_trees_close(jax.device_get(state.params), eight, atol=0)
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path):
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, caplog):
   train_lib.train_and_evaluate(
     tiny_config(num_train_steps=4, checkpoint_every_steps=2), str(tmp_path)
   )
@@ -354,6 +354,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path):
   )
   with pytest.raises(FloatingPointError, match=r'at step \d+') as info:
     train_lib.train_and_evaluate(config, str(tmp_path))
+  # The resume under a changed config says so.
+  assert (
+    'Resuming from step 4 under a changed config: num_train_steps: 4 -> 40; '
+    'optimizer.learning_rate: 0.003 -> 1e+38.'
+  ) in caplog.text
   step = int(re.search(r'at step (\d+)', str(info.value)).group(1))
   latest = checkpoints.manager(tmp_path, read_only=True).latest_step()
   assert 4 <= latest < step
