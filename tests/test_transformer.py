@@ -425,3 +425,107 @@ def test_decoding_past_the_cache_is_an_error():
   assert model.max_decode_len == limit
   with pytest.raises(ValueError, match='key/value cache'):
     decoding.decode_model(model, variables, inputs, max_len=limit + 1)
+
+
+def _reference_logits(params, config, inputs, targets):
+  """The paper's Transformer in float64 numpy, written from the formulas
+  (not from the model's code): embeddings * sqrt(d_model) + sin/cos
+  positions, scaled dot-product heads, post-LN `LN(x + f(x))` or pre-LN
+  `x + f(LN(x))` with a final LN per stack."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  d, h = config.d_model, config.num_heads
+  pos = np.arange(config.max_len)[:, None]
+  i = np.arange(d // 2)[None, :]
+  angle = pos / 10000.0 ** (2 * i / d)
+  pe = np.zeros((config.max_len, d))
+  pe[:, 0::2], pe[:, 1::2] = np.sin(angle), np.cos(angle)
+
+  def norm(x, q):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * q['scale'] + q['bias']
+
+  def attend(x, memory, q, mask):
+    query, key, value = (
+      np.einsum('bld,dhk->bhlk', y, q[n]['kernel'])
+      + q[n]['bias'][None, :, None]
+      for y, n in ((x, 'query'), (memory, 'key'), (memory, 'value'))
+    )
+    s = np.einsum('bhqk,bhlk->bhql', query, key) / np.sqrt(d // h)
+    s = np.where(mask, s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    context = np.einsum('bhql,bhlk->bqhk', w, value)
+    out = np.einsum('bqhk,hkd->bqd', context, q['out']['kernel'])
+    return out + q['out']['bias']
+
+  def ffn(x, q):
+    hidden = np.maximum(x @ q['wi']['kernel'] + q['wi']['bias'], 0)
+    return hidden @ q['wo']['kernel'] + q['wo']['bias']
+
+  def block(x, fn, q):
+    if config.pre_ln:
+      return x + fn(norm(x, q['norm']))
+    return norm(x + fn(x), q['norm'])
+
+  inputs, targets = np.asarray(inputs), np.asarray(targets)
+  source_mask = (inputs != PAD)[:, None, None, :]
+  x = p['source_embed']['embedding'][inputs] * np.sqrt(d)
+  x = x + pe[: inputs.shape[1]]
+  for n in range(config.num_encoder_layers):
+    q = p[f'encoder_layers_{n}']
+    x = block(
+      x,
+      lambda y, q=q: attend(y, y, q['self_attention'], source_mask),
+      q['attention_block'],
+    )
+    x = block(x, lambda y, q=q: ffn(y, q['mlp']), q['mlp_block'])
+  if config.pre_ln:
+    x = norm(x, p['encoder_norm'])
+  decoder_inputs = np.concatenate(
+    [np.full_like(targets[:, :1], BOS), targets[:, :-1]], 1
+  )
+  t = decoder_inputs.shape[1]
+  y = p['target_embed']['embedding'][decoder_inputs] * np.sqrt(d) + pe[:t]
+  causal = np.tril(np.ones((t, t), bool))
+  for n in range(config.num_decoder_layers):
+    q = p[f'decoder_layers_{n}']
+    y = block(
+      y,
+      lambda z, q=q: attend(z, z, q['self_attention'], causal),
+      q['self_block'],
+    )
+    y = block(
+      y,
+      lambda z, q=q: attend(z, x, q['cross_attention'], source_mask),
+      q['cross_block'],
+    )
+    y = block(y, lambda z, q=q: ffn(z, q['mlp']), q['mlp_block'])
+  if config.pre_ln:
+    y = norm(y, p['decoder_norm'])
+  return y @ p['output_proj']['kernel'] + p['output_proj']['bias']
+
+
+@pytest.mark.parametrize('pre_ln', [False, True], ids=['post_ln', 'pre_ln'])
+def test_forward_matches_a_numpy_reference(pre_ln):
+  """The teacher-forced logits equal an independent float64 reference of
+  the paper's formulas. The other tests compare the model with itself
+  (cached with full, padded with unpadded), which a wrong formula passes.
+  Every parameter is random, so layer norms and biases count too."""
+  config = _config(pre_ln=pre_ln, num_encoder_layers=1, num_decoder_layers=1)
+  model = Transformer(config)
+  inputs, targets = _batch()
+  params = nn.unbox(
+    model.init(jax.random.key(0), inputs, targets, train=False)
+  )['params']
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(
+    treedef,
+    [
+      0.5 * jax.random.normal(key, leaf.shape)
+      for key, leaf in zip(keys, leaves, strict=True)
+    ],
+  )
+  logits = model.apply({'params': params}, inputs, targets, train=False)
+  expected = _reference_logits(params, config, inputs, targets)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
