@@ -209,6 +209,8 @@ def test_batches_have_bucket_shapes_and_cover_an_epoch(task):
   epoch = batches(task, plan.steps_per_epoch, global_batch_size=8)
   shapes = {b['inputs'].shape[1] for b in epoch}
   assert shapes <= {12, 20, 40}
+  # Buckets too small for a batch join the next longer one.
+  widths = [w for w, _ in plan.shapes]
   seen = []
   for batch in epoch:
     assert batch['inputs'].shape[0] == batch['targets'].shape[0] == 8
@@ -225,7 +227,11 @@ def test_batches_have_bucket_shapes_and_cover_an_epoch(task):
         if np.array_equal(sources[i], src) and np.array_equal(targets[i], tgt)
       ]
       assert matches
-      assert max(len(src), len(tgt)) <= batch['inputs'].shape[1]
+      # The smallest bucket that holds the pair: a pair as long as a
+      # bucket's edge belongs to that bucket, not the next.
+      longest = max(len(src), len(tgt))
+      width = min(w for w in widths if w >= longest)
+      assert batch['inputs'].shape[1] == batch['targets'].shape[1] == width
       seen.append(matches[0])
   # No pair twice in one epoch; only bucket remainders sit out.
   assert len(set(seen)) == len(seen) == plan.steps_per_epoch * 8
@@ -396,8 +402,23 @@ def test_heldout_batches_hold_the_split(task):
   assert int(sum(b['valid'].sum() for b in heldout.batches)) == 37
   row = heldout.batches[0]['targets'][0]
   assert task.target_vocab.decode(row) == heldout.references[0]
+  # Sources are padded to the smallest bucket that holds the longest one
+  # (cut to max_source_len=40).
+  source_ids = task.source_vocab.encode_many(heldout.sources)
+  longest = min(max(map(len, source_ids)), 40)
+  width = min(b for b in (12, 20, 40) if b >= longest)
+  assert {b['inputs'].shape for b in heldout.batches} == {(16, width)}
   with pytest.raises(ValueError, match='validation, test'):
     task.heldout('test_2016', n=1, batch_size=1)
+
+
+def test_heldout_width_is_the_smallest_bucket_that_holds_the_source():
+  """A source as long as a bucket's edge fits that bucket; the width never
+  exceeds max_source_len (here 32, below the last bucket)."""
+  widths = [
+    parallel._bucket_len(n, (12, 20, 40), 32) for n in (1, 12, 13, 20, 21, 50)
+  ]
+  assert widths == [12, 12, 20, 20, 32, 32]
 
 
 def test_bleu_cased_and_lowercased():
