@@ -307,6 +307,18 @@ def test_iterator_state_round_trip():
   _assert_batches_equal(_take(restored, 4), expected)
 
 
+def test_seek_moves_to_just_after_that_many_batches():
+  """What a resume on another process count does instead of restoring the
+  iterator (see `checkpoints.restore`): it must land on the same batch."""
+  task = synthetic.sort()
+  dataset = pipeline.train_dataset(task, global_batch_size=4, seed=5)
+  expected = _take(iter(dataset), 5)[3:]
+  moved = iter(dataset)
+  _take(moved, 1)
+  pipeline.seek(moved, 3)
+  _assert_batches_equal(_take(moved, 2), expected)
+
+
 def test_iterator_state_round_trip_through_orbax(tmp_path):
   task = synthetic.addition()
   dataset = pipeline.train_dataset(task, global_batch_size=4, seed=2)
