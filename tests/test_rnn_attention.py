@@ -6,6 +6,7 @@ registered pure score function of `attnjax.scores` with the same weights.
 Everything runs eagerly on tiny shapes: nothing here is worth compiling.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnjax import decoding, scores
+from attnjax import attention, decoding, scores
 from attnjax.models import rnn_attention
 from attnjax.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
@@ -160,6 +161,81 @@ def test_location_aware_scores_see_the_previous_alignment():
   assert not np.allclose(
     apply(query, keys, mask, previous), apply(query, keys, mask, shifted)
   )
+
+
+# The alignments: stepping the module equals the pure sequence functions.
+
+
+def _step_weights(spec, params, queries, keys, mask, *, train=False):
+  """The weights `[batch, steps, source_len]` of calling the module once
+  per query `[batch, steps, query_dim]`, its state carried between calls."""
+
+  def run(module):
+    memory = module.prepare(keys, mask)
+    state = module.initial_state(mask)
+    weights = []
+    for t in range(queries.shape[1]):
+      _, w, state = module(queries[:, t], memory, state, train=train)
+      weights.append(w)
+    return jnp.stack(weights, 1)
+
+  module = rnn_attention.DecoderAttention(spec)
+  return nn.apply(run, module)(
+    {'params': params}, rngs={'dropout': jax.random.key(0)}
+  )
+
+
+@pytest.mark.parametrize(
+  'alignment, train',
+  [
+    ('monotonic', False),
+    ('monotonic', True),
+    ('local_m', False),
+    ('location_aware', False),
+  ],
+)
+def test_stepped_alignment_equals_the_sequence_function(alignment, train):
+  """Each alignment's module, stepped with its state, gives the weights of
+  the `attnjax.attention` function over the whole sequence: monotonic with
+  p_choose = sigmoid(score + r) from the previous step's alignment (hard at
+  eval, expected when training, here without noise), local-m around
+  min(t, last source position), location-aware from the previous step's
+  weights."""
+  score = 'location_aware' if alignment == 'location_aware' else 'general'
+  spec = dataclasses.replace(
+    _spec(score), alignment=alignment, window=1, noise_std=0.0
+  )
+  _, keys, mask, previous = _inputs(spec.key_dim)
+  steps = 4
+  queries = np.random.default_rng(2).normal(size=(B, steps, QUERY_DIM))
+  queries = jnp.asarray(queries, jnp.float32)
+  params = _random_params(spec, queries[:, 0], keys, mask, previous)
+  got = _step_weights(spec, params, queries, keys, mask, train=train)
+
+  weights = {
+    name.removeprefix('score_'): value
+    for name, value in params.items()
+    if name.startswith('score_')
+  }
+  if alignment == 'monotonic':
+    energy = scores.general(queries, keys, weights['w']) + weights['bias']
+    expected = attention.monotonic_weights(
+      jax.nn.sigmoid(energy), mask[:, None], hard=not train
+    )
+  elif alignment == 'local_m':
+    last = mask.sum(-1, keepdims=True) - 1
+    centers = np.minimum(np.arange(steps), last)
+    score_fn = functools.partial(scores.general, w=weights['w'])
+    _, expected = attention.local_attention(
+      queries, keys, keys, score_fn, centers, width=1, mask=mask[:, None]
+    )
+  else:
+    score_fn = functools.partial(scores.location_aware, **weights)
+    _, expected = attention.location_aware_attention(
+      queries, keys, keys, score_fn, mask[:, None]
+    )
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  assert np.abs(np.diff(np.asarray(got), axis=1)).max() > 0.1  # it moves
 
 
 # Settings that cannot work fail when the config is built, with a message
