@@ -402,6 +402,10 @@ def test_heldout_batches_hold_the_split(task):
   assert int(sum(b['valid'].sum() for b in heldout.batches)) == 37
   row = heldout.batches[0]['targets'][0]
   assert task.target_vocab.decode(row) == heldout.references[0]
+  # Teacher forcing scores the EOS too, as in training.
+  ids = task.target_vocab.encode_many(heldout.references[:1])[0]
+  np.testing.assert_array_equal(row[: len(ids) + 1], [*ids, EOS_ID])
+  assert (row[len(ids) + 1 :] == PAD_ID).all()
   # Sources are padded to the smallest bucket that holds the longest one
   # (cut to max_source_len=40).
   source_ids = task.source_vocab.encode_many(heldout.sources)
