@@ -1,5 +1,8 @@
 """Learning-rate schedules and the optimiser built from a config."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -121,3 +124,51 @@ def test_perplexity_ignores_label_smoothing():
       results[smoothing]['perplexity'], expected, rtol=1e-5
     )
   assert results[0.2]['loss'] > results[0.0]['loss']
+
+
+def test_sequence_metrics_count_only_valid_rows():
+  """Held-out batches are filled up with all-PAD rows (valid False). Those
+  are trivially 'right' everywhere, and must count neither as sequences nor
+  as exact matches."""
+  logits = jax.nn.one_hot(jnp.array([[3, 2, 0], [3, 4, 0], [0, 0, 0]]), 5)
+  targets = jnp.array([[3, 2, 0], [3, 2, 0], [0, 0, 0]])
+  valid = jnp.array([True, True, False])
+  sums = train_lib.token_metrics(logits, targets, 0, valid=valid)
+  assert float(sums['sequences']) == 2.0
+  assert float(sums['correct_sequences']) == 1.0
+  assert float(sums['tokens']) == 4.0
+  assert float(sums['correct_tokens']) == 3.0
+  summary = train_lib.summarize(jax.device_get(sums))
+  assert summary['teacher_forced_exact_match'] == 0.5
+
+
+def test_train_step_draws_new_dropout_at_every_step():
+  """The dropout rng is folded with the step: the same parameters, batch
+  and rng at another step drop other logits, so the loss differs."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, inputs, targets, *, train):
+      w = self.param('w', nn.initializers.normal(1.0), (7,))
+      logits = jnp.ones((*targets.shape, 7)) * w
+      return nn.Dropout(0.5, deterministic=not train)(logits)
+
+  targets = jnp.ones((2, 4), jnp.int32)
+  params = Model().init(jax.random.key(1), targets, targets, train=False)
+  state = train_lib.TrainState.create(
+    apply_fn=None, params=params['params'], tx=optax.sgd(0.0)
+  )
+
+  train_step = jax.jit(
+    functools.partial(
+      train_lib.train_step, model=Model(), pad_id=0, label_smoothing=0.0
+    )
+  )
+
+  def loss_at(step):
+    batch = {'inputs': targets, 'targets': targets}
+    _, sums = train_step(state.replace(step=step), batch, jax.random.key(0))
+    return float(sums['loss_sum'])
+
+  assert loss_at(3) == loss_at(3)
+  assert loss_at(3) != loss_at(4)
