@@ -8,6 +8,9 @@ JAX_PROCESS_ID), or --distributed under a cluster manager JAX recognises.
 """
 
 import os
+import pathlib
+import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -49,6 +52,71 @@ def _multi_process() -> bool:
   )
 
 
+# The project's own checks are raised from here.
+_OWN_CODE = (
+  pathlib.Path(train_lib.__file__).resolve().parent,
+  pathlib.Path(__file__).resolve().parent / 'configs',
+)
+
+
+def _own_check(e: BaseException | None) -> BaseException | None:
+  """The error of one of the project's checks behind `e`, if any.
+
+  attnjax and the configs raise ValueError, OSError and FloatingPointError (a
+  NaN loss) with a message naming the problem and the fix, printed in one
+  line. The same types raised inside a library are more likely bugs and keep
+  their traceback.
+  """
+  while e is not None:
+    frames = traceback.extract_tb(e.__traceback__)
+    if isinstance(e, ValueError | OSError | FloatingPointError) and frames:
+      where = pathlib.Path(frames[-1].filename).resolve()
+      if any(where.is_relative_to(own) for own in _OWN_CODE):
+        return e
+    # A config file's error reaches us wrapped by ml_collections and absl.
+    e = e.__context__
+  return None
+
+
+def _unknown_field(e: BaseException | None, argv: list[str]) -> str:
+  """ml_collections' error for `--config.FIELD=` naming no field, as one
+  line ('' if `e` is something else)."""
+  while e is not None and not isinstance(e, KeyError):
+    e = e.__context__
+  if e is None or not e.args or not isinstance(e.args[0], str):
+    return ''
+  # "'name'", then 'Did you mean "x" instead of "name"?' if one is close.
+  name, *hint = e.args[0].splitlines()
+  for arg in argv:
+    flag = arg.split('=', 1)[0]
+    if flag.startswith('--config.') and name.strip("'") in flag.split('.'):
+      return ' '.join([f'{flag}: the config has no field {name}.', *hint])
+  return ''
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a mistake in --config said in one line rather
+  than with ml_collections' traceback."""
+  try:
+    argv = flags.FLAGS(argv)
+    path = config_flags.get_config_filename(flags.FLAGS['config'])
+    # ml_collections defers the error of a file it cannot load to its use.
+    if path is not None and not os.path.isfile(path.split(':', 1)[0]):
+      message = f'--config={path}: no such file in {os.getcwd()}.'
+    else:
+      return argv
+  except (KeyError, AttributeError) as e:
+    message = _unknown_field(e, argv)
+    if not message:
+      raise
+  except flags.Error as e:
+    own = _own_check(e)
+    message = f'--config: {own}' if own else str(e)
+    message += '\nPass --helpshort or --helpfull to see help on flags.'
+  print(f'train.py: error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -58,8 +126,15 @@ def main(argv):
     )
   logging.set_verbosity(logging.INFO)
   checkpoints.quiet_orbax_logs()
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, OSError, FloatingPointError) as e:
+    if _own_check(e) is not e:
+      raise
+    print(f'train.py: error: {e}', file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,5 +1,6 @@
 """The training system end to end, on the tiny addition config."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -540,7 +541,51 @@ def test_unknown_config_field_suggests_close_match(tmp_path):
   )
   assert result.returncode != 0
   assert 'Did you mean "batch_size"' in result.stderr, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize(
+  'flags, message',
+  [
+    (['--config.model.hiden_dim=3'], 'no field .hiden_dim.'),
+    (['--config.modle.hidden_dim=3'], 'Did you mean "model"'),
+    (['--config.batch_size=0'], r'config.batch_size=0 is invalid'),
+    (['--config.data.largest=0'], 'largest'),
+    (['--config=configs/nope.py'], r'--config=configs/nope.py: no such file'),
+    (['--config=configs/addition.py:bahdanu'], 'unknown config variant'),
+  ],
+)
+def test_train_py_config_errors_are_one_line(tmp_path, flags, message):
+  """A config mistake is a message naming it, not a traceback."""
+  result = subprocess.run(
+    _train_command(tmp_path, *flags),
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  errors = [
+    line for line in result.stderr.splitlines() if line.startswith('train.py')
+  ]
+  assert len(errors) == 1 and re.search(message, errors[0]), result.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_train_py_keeps_the_traceback_of_a_library_error():
+  """Only the project's own checks are cut to one line: a ValueError from
+  inside JAX is more likely a bug and keeps its traceback."""
+  spec = importlib.util.spec_from_file_location('train_main', ROOT / 'train.py')
+  train_main = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(train_main)
+  with pytest.raises(ValueError) as own:
+    train_lib.validate_config(tiny_config(batch_size=0))
+  assert train_main._own_check(own.value) is own.value
+  with pytest.raises(ValueError) as library:
+    jax.numpy.broadcast_shapes((2,), (3,))
+  assert train_main._own_check(library.value) is None
 
 
 @pytest.mark.parametrize(
