@@ -201,10 +201,9 @@ def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
 
 def _changed_fields(config: ml_collections.ConfigDict, workdir) -> list[str]:
   """Config fields whose values differ from the config saved in `workdir`."""
-  path = pathlib.Path(workdir) / CONFIG_FILE
-  if not path.exists():
+  if not (pathlib.Path(workdir) / CONFIG_FILE).exists():
     return []
-  saved = _flat(json.loads(path.read_text()))
+  saved = _flat(load_config(workdir).to_dict())
   current = _flat(json.loads(config.to_json_best_effort()))
   # A model field added since the workdir was written is not a change
   # when the config leaves it at the default the old model was built with.

@@ -738,6 +738,16 @@ def test_damaged_checkpoint_on_resume_is_not_blamed_on_the_config(
   assert 'Config fields changed' not in str(e.value)
 
 
+def test_damaged_config_json_on_resume_is_a_clear_error(trained, tmp_path):
+  source, _ = trained
+  workdir = tmp_path / 'copy'
+  shutil.copytree(source, workdir)
+  (workdir / 'config.json').write_text('{')
+  config = tiny_config(keep_checkpoints=1, num_train_steps=30)
+  with pytest.raises(ValueError, match='config.json is not valid JSON'):
+    train_lib.train_and_evaluate(config, str(workdir))
+
+
 def test_unknown_field_set_from_python_is_refused(tmp_path):
   config = tiny_config()
   config.batchsize = 8  # unlocked ConfigDicts accept any new field
