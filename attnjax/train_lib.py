@@ -852,6 +852,11 @@ def train_and_evaluate(
   """
   validate_config(config)
   workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise FileExistsError(
+      f'workdir {workdir} is a file; give a directory (a new one starts a '
+      'fresh run).'
+    )
   workdir.mkdir(parents=True, exist_ok=True)
   check_config_matches(config, workdir)
   exp = Experiment.create(config, workdir)

@@ -738,6 +738,13 @@ def test_damaged_checkpoint_on_resume_is_not_blamed_on_the_config(
   assert 'Config fields changed' not in str(e.value)
 
 
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+  a_file = tmp_path / 'run'
+  a_file.write_text('')
+  with pytest.raises(FileExistsError, match=f'workdir {a_file} is a file'):
+    train_lib.train_and_evaluate(tiny_config(), str(a_file))
+
+
 def test_damaged_config_json_on_resume_is_a_clear_error(trained, tmp_path):
   source, _ = trained
   workdir = tmp_path / 'copy'
