@@ -596,6 +596,7 @@ def test_train_py_keeps_the_traceback_of_a_library_error():
     ({'optimizer.schedule': 'cosin'}, 'schedule'),
     ({'label_smoothing': 1.0}, 'label_smoothing'),
     ({'mesh.data': 3}, 'mesh data=3'),
+    ({'mesh.model': 3}, 'mesh.model=3 does not divide the 8 devices'),
     ({'batch_size': 12, 'mesh.data': 8}, 'not divisible'),
     ({'mesh.num_devices': 9}, 'num_devices=9'),
     ({'data.largest': 0}, 'largest'),

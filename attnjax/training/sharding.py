@@ -50,6 +50,12 @@ def make_mesh(data: int, model: int, num_devices: int = 0) -> Mesh:
       f'model={model}.'
     )
   if data == -1:
+    if n % model:
+      raise ValueError(
+        f'mesh.model={model} does not divide the {n} devices in use '
+        '(mesh.data=-1 takes the rest): choose a divisor of '
+        f'{n}, or set mesh.num_devices to a multiple of {model}.'
+      )
     data = n // model
   if data * model != n:
     raise ValueError(
