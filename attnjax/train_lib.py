@@ -261,14 +261,25 @@ def load_config(workdir) -> ml_collections.ConfigDict:
       f'{path} not found: --workdir must be a directory written by train.py '
       '(it saves its config there).'
     )
+  fix = (
+    'Restore it from a copy of the workdir, or rewrite it from the config '
+    'the run was trained with.'
+  )
   try:
     fields = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(
       f'{path} is not valid JSON ({e}); it was damaged after train.py wrote '
-      'it. Restore it from a copy of the workdir, or rewrite it from the '
-      'config the run was trained with.'
+      f'it. {fix}'
     ) from None
+  sections = ('data', 'model', 'optimizer', 'mesh')
+  if not isinstance(fields, dict) or not all(
+    isinstance(fields.get(name), dict) for name in sections
+  ):
+    raise ValueError(
+      f'{path} is not a config train.py wrote: it must be a JSON object '
+      f'with the sections {", ".join(sections)}. {fix}'
+    )
   return ml_collections.ConfigDict(fields)
 
 

@@ -509,6 +509,10 @@ def test_cli_missing_workdir(tmp_path, capsys):
   # The file as a workdir's damaged config.
   assert cli.main(['evaluate', '--workdir', str(tmp_path)]) == 2
   assert f'{a_file} is not valid JSON' in capsys.readouterr().err
+  for text in ('[1, 2]', '{}', '{"data": {}, "model": 3}'):
+    a_file.write_text(text)
+    assert cli.main(['evaluate', '--workdir', str(tmp_path)]) == 2
+    assert f'{a_file} is not a config train.py wrote' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
