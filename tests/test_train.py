@@ -481,6 +481,7 @@ def test_cli_decode_and_evaluate(trained, capsys):
   'text, message',
   [
     ('12*34', "'\\*'"),
+    ('ab', "text 'ab' holds characters not in the alphabet"),
     ('', 'empty'),
     ('1234567+1', 'long'),
     # The tiny config adds two numbers up to 99.

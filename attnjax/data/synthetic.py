@@ -166,6 +166,8 @@ class Task(abc.ABC):
     """
     if not text.strip():
       raise ValueError('empty input: give a non-blank source string.')
+    # Unknown characters are named in the text as given, not as padded.
+    self.vocab.encode(text.strip())
     ids = self.vocab.encode(self.format_source(text))
     if len(ids) > self.max_source_len:
       raise ValueError(
