@@ -416,6 +416,12 @@ def make_task(
     return parallel.TranslationTask.create(
       config.data, workdir, train_vocab=train_vocab
     )
+  if config.data.task not in synthetic.TASKS:
+    known = ', '.join(sorted([*synthetic.TASKS, *parallel.TASKS]))
+    raise ValueError(
+      f'unknown task config.data.task={config.data.task!r}; known tasks: '
+      f'{known}.'
+    )
   kwargs = {k: v for k, v in config.data.items() if k not in _DATA_FIELDS}
   return synthetic.make_task(config.data.task, **kwargs)
 

@@ -605,6 +605,7 @@ def test_train_py_keeps_the_traceback_of_a_library_error():
     ({'batch_size': 12, 'mesh.data': 8}, 'not divisible'),
     ({'mesh.num_devices': 9}, 'num_devices=9'),
     ({'data.largest': 0}, 'largest'),
+    ({'data.task': 'multi31k'}, 'known tasks: .*anki_fra, .*multi30k'),
     ({'model.cell': 'lstmm'}, 'cell'),
     ({'optimizer.weight_decay': 0.1}, "optimizer.name='adamw'"),
     (
