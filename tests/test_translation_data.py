@@ -181,6 +181,21 @@ def test_multi30k_missing_folder(tmp_path):
   assert 'github.com/multi30k/dataset' in msg
 
 
+@pytest.mark.parametrize(
+  'split, message',
+  [
+    ('trian[:2]', "bad split 'trian\\[:2\\]' for multi30k: Unknown split"),
+    ('train[:abc]', "bad split 'train\\[:abc\\]' for multi30k: Error parsing"),
+  ],
+)
+def test_multi30k_bad_split_names_it(tmp_path, split, message):
+  folder = _fake_multi30k(tmp_path / 'm30k')
+  with pytest.raises(translation.TranslationDataError, match=message):
+    translation.load_pairs(
+      'multi30k', split, data_dir=tmp_path / 'tfds', source_dir=folder
+    )
+
+
 def test_multi30k_missing_file(tmp_path):
   folder = _fake_multi30k(tmp_path / 'm30k')
   os.remove(folder / 'val.en.gz')
