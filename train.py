@@ -120,13 +120,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _multi_process():
-    train_lib.initialize_distributed(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-    )
   logging.set_verbosity(logging.INFO)
   checkpoints.quiet_orbax_logs()
   try:
+    if _multi_process():
+      train_lib.initialize_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+      )
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, OSError, FloatingPointError) as e:
     if _own_check(e) is not e:

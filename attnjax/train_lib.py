@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -790,15 +791,31 @@ def initialize_distributed(
   Values left None come from the environment (JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES, JAX_PROCESS_ID) or from a cluster JAX detects itself
   (SLURM, TPU pods, ...). On CPU, gloo provides the cross-process collectives.
+
+  Raises:
+    ValueError: settings `jax.distributed.initialize` refuses (a missing
+      process id, an id out of range, an address without a port).
   """
+  fix = (
+    'Give each process --coordinator_address=HOST:PORT (process 0 listens '
+    'there), --num_processes=N and --process_id=I with 0 <= I < N, or set '
+    'JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.'
+  )
+  address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if address and not address.rpartition(':')[2].isdigit():
+    # JAX would fail on an IndexError.
+    raise ValueError(f'coordinator address {address!r} has no port. {fix}')
   # Only the CPU client uses this; asking for the backend here would start
   # it before `initialize`, which must come first.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(
-    coordinator_address=coordinator_address,
-    num_processes=num_processes,
-    process_id=process_id,
-  )
+  try:
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+    )
+  except ValueError as e:
+    raise ValueError(f'cannot start the multi-process run: {e} {fix}') from e
   logging.info('Process %d of %d.', jax.process_index(), jax.process_count())
 
 

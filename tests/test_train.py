@@ -559,10 +559,19 @@ def test_unknown_config_field_suggests_close_match(tmp_path):
     (['--config.data.largest=0'], 'largest'),
     (['--config=configs/nope.py'], r'--config=configs/nope.py: no such file'),
     (['--config=configs/addition.py:bahdanu'], 'unknown config variant'),
+    (
+      ['--num_processes=2', '--process_id=5', '--coordinator_address=h:1'],
+      'process_id < num_processes',
+    ),
+    (
+      ['--num_processes=1', '--process_id=0', '--coordinator_address=h'],
+      "coordinator address 'h' has no port",
+    ),
   ],
 )
 def test_train_py_config_errors_are_one_line(tmp_path, flags, message):
-  """A config mistake is a message naming it, not a traceback."""
+  """A mistake in the config or the flags is a message naming it, not a
+  traceback."""
   result = subprocess.run(
     _train_command(tmp_path, *flags),
     env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
