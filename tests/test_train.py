@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from attnjax import cli, train_lib
@@ -731,6 +732,34 @@ def test_damaged_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
   argv = ['decode', '--workdir', str(workdir), '--input', '1+2']
   assert cli.main(argv) == 2
   assert 'damaged or incomplete' in capsys.readouterr().err
+
+
+def test_truncated_array_files_are_a_damaged_checkpoint(
+  trained, tmp_path, monkeypatch
+):
+  source, _ = trained
+  workdir = tmp_path / 'copy'
+  shutil.copytree(source, workdir)
+  state = workdir / 'checkpoints' / str(checkpoints.latest_step(workdir))
+  for path in (state / 'state').glob('**/d/*'):
+    path.write_bytes(path.read_bytes()[:10])
+  with pytest.raises(checkpoints.DamagedCheckpoint, match='OUT_OF_RANGE'):
+    train_lib.load_trained(workdir)
+
+  # Where the index survives, Orbax wraps TensorStore's error on a chunk in
+  # a bare Exception (serialization.py, _read_array_index_and_device_put).
+  def restore(*args, **kwargs):
+    try:
+      raise ValueError('OUT_OF_RANGE: Error reading "params.x/0.0"')
+    except ValueError as e:
+      raise Exception('Encountered error while reading array index') from e
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', restore)
+  with pytest.raises(checkpoints.DamagedCheckpoint, match='params.x/0.0'):
+    train_lib.load_trained(source)
+  config = tiny_config(keep_checkpoints=1, num_train_steps=30)
+  with pytest.raises(checkpoints.DamagedCheckpoint, match='damaged'):
+    train_lib.train_and_evaluate(config, str(workdir))
 
 
 @pytest.mark.parametrize('damaged', ['state', 'data'])

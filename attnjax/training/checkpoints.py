@@ -142,7 +142,9 @@ def restore(
     pipeline.seek(data_iterator, step)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**args))
-  except (OSError, ValueError, KeyError, TypeError) as e:
+  except Exception as e:
+    if not _is_read_error(e):
+      raise
     raise _damaged(mngr, step, e) from e
   logging.info('Restored step %d from %s.', step, mngr.directory)
   return restored['state']
@@ -165,7 +167,21 @@ class DamagedCheckpoint(ValueError):
   """A checkpoint step whose files cannot be read (not a config mismatch)."""
 
 
+# What reading a damaged checkpoint raises.
+_READ_ERRORS = (OSError, ValueError, KeyError, TypeError)
+
+
+def _is_read_error(e: Exception) -> bool:
+  # Orbax wraps TensorStore's error on a truncated array file in a bare
+  # Exception.
+  return isinstance(e, _READ_ERRORS) or (
+    type(e) is Exception and isinstance(e.__cause__, _READ_ERRORS)
+  )
+
+
 def _damaged(mngr: ocp.CheckpointManager, step: int, e: Exception):
+  if type(e) is Exception and e.__cause__ is not None:
+    e = e.__cause__  # The file and the problem, not Orbax's wrapper.
   return DamagedCheckpoint(
     f'could not read checkpoint step {step} in {mngr.directory} '
     f'({type(e).__name__}: {str(e)[:300]}). The checkpoint is damaged or '
@@ -239,7 +255,9 @@ def restore_params(workdir: str | pathlib.Path, abstract_params, shardings):
         )
       ),
     )
-  except (OSError, ValueError, KeyError, TypeError) as e:
+  except Exception as e:
+    if not _is_read_error(e):
+      raise
     raise _damaged(mngr, step, e) from e
   logging.info('Initialised parameters from %s step %d.', workdir, step)
   return restored['state']['params']
