@@ -28,8 +28,8 @@ run: $(STAMP)
 	  --out $(RUN_DIR)/attention.png
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check attnjax tests bench
-	$(VENV)/bin/ruff format --check attnjax tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) bench/attention.py
