@@ -91,6 +91,20 @@ def test_causal_mask_rejects_more_queries_than_keys():
     masks.causal_mask(5, 3)
 
 
+def test_combine_is_a_broadcasting_and_that_skips_none():
+  rng = np.random.default_rng(0)
+  a = rng.random((2, 1, 5)) < 0.5
+  b = rng.random((3, 1)) < 0.5
+  c = rng.random((5,)) < 0.5
+  out = masks.combine(jnp.asarray(a), None, jnp.asarray(b), jnp.asarray(c))
+  np.testing.assert_array_equal(out, a & b & c)
+  assert out.shape == (2, 3, 5)
+  np.testing.assert_array_equal(masks.combine(None, jnp.asarray(c)), c)
+  assert masks.combine(None, None) is None
+  with pytest.raises(ValueError):
+    masks.combine(jnp.asarray(a), jnp.ones((4,), bool))
+
+
 @settings(max_examples=30, deadline=None)
 @given(tq=st.integers(1, 5), extra=st.integers(0, 5))
 def test_causal_mask_properties(tq, extra):

@@ -124,6 +124,12 @@ def test_perplexity_ignores_label_smoothing():
       results[smoothing]['perplexity'], expected, rtol=1e-5
     )
   assert results[0.2]['loss'] > results[0.0]['loss']
+  # The loss is the smoothed objective's mean over the non-PAD tokens.
+  labels = optax.smooth_labels(jax.nn.one_hot(targets, 9), 0.2)
+  smoothed = np.asarray(optax.softmax_cross_entropy(logits, labels))
+  np.testing.assert_allclose(
+    results[0.2]['loss'], np.sum(smoothed * mask) / mask.sum(), rtol=1e-5
+  )
 
 
 def test_sequence_metrics_count_only_valid_rows():
