@@ -229,16 +229,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(exp, params, args: argparse.Namespace, search) -> None:
   from attnjax import train_lib
+  from attnjax.data import synthetic
 
   # Without --split, the set scored during training.
-  result = train_lib.evaluate(
-    exp,
-    params,
-    split=args.split,
-    num_examples=args.num_examples,
-    show=args.show,
-    **search,
-  )
+  try:
+    result = train_lib.evaluate(
+      exp,
+      params,
+      split=args.split,
+      num_examples=args.num_examples,
+      show=args.show,
+      **search,
+    )
+  except synthetic.HeldoutTooLarge as e:
+    raise ValueError(f'--num_examples={args.num_examples}: {e}') from None
   examples = result.pop('examples', [])
   split = args.split or _default_split(exp.task)
   print(json.dumps({'split': split, **result}, indent=2))

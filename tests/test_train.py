@@ -517,6 +517,16 @@ def test_cli_missing_workdir(tmp_path, capsys):
     assert f'{a_file} is not a config train.py wrote' in capsys.readouterr().err
 
 
+def test_cli_evaluate_more_examples_than_held_out_names_the_flag(
+  trained, capsys
+):
+  workdir, _ = trained
+  argv = ['evaluate', '--workdir', str(workdir), '--num_examples', '100000']
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert re.search(r'--num_examples=100000: .* ask for n <= \d+', err), err
+
+
 @pytest.mark.parametrize(
   'flag, value, message',
   [

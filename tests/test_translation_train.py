@@ -539,7 +539,9 @@ def test_resume_equals_uninterrupted_run(tfds_dir, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
-def test_vocab_not_of_the_checkpoint_is_refused(trained, tfds_dir, tmp_path):
+def test_vocab_not_of_the_checkpoint_is_refused(
+  trained, task, tfds_dir, tmp_path
+):
   workdir, _ = trained
   copy = tmp_path / 'copy'
   copy.mkdir()
@@ -562,6 +564,12 @@ def test_vocab_not_of_the_checkpoint_is_refused(trained, tfds_dir, tmp_path):
   config = tiny_config(tfds_dir, keep_checkpoints=1, num_train_steps=30)
   with pytest.raises(ValueError, match='not the ones checkpoint step'):
     train_lib.train_and_evaluate(config, str(copy))
+  # One of another size: the model's config is right, the file is not.
+  (copy / 'vocab' / 'joint.model').write_bytes(
+    task.source_vocab.path.read_bytes()
+  )
+  with pytest.raises(ValueError, match=r'has 300 ids.*Copy back'):
+    train_lib.load_trained(copy)
   (copy / 'vocab' / 'joint.model').unlink()
   with pytest.raises(FileNotFoundError, match='copy them back'):
     train_lib.load_trained(copy)

@@ -322,7 +322,7 @@ class TranslationTask:
     if train:
       self._train_vocabs(paths)
     vocabs = {name: tokenizer.SubwordVocab(p) for name, p in paths.items()}
-    self._check_reused_vocabs(vocabs)
+    self._check_reused_vocabs(vocabs, train)
     if self.data.joint_vocab:
       return vocabs['joint'], vocabs['joint']
     return vocabs['source'], vocabs['target']
@@ -340,7 +340,7 @@ class TranslationTask:
       fields.append('reverse')
     return {field: getattr(self.data, field) for field in fields}
 
-  def _check_reused_vocabs(self, vocabs: dict[str, Any]) -> None:
+  def _check_reused_vocabs(self, vocabs: dict[str, Any], train: bool) -> None:
     """Vocabularies already in the workdir are reused as they are: their
     size must be `vocab_size`, and other differences are logged."""
     fix = (
@@ -348,6 +348,14 @@ class TranslationTask:
       'checkpoints do not use them), or use a new workdir'
     )
     for name, vocab in vocabs.items():
+      if vocab.size != self.data.vocab_size and not train:
+        # Reusing a trained model: its config is right, the file is not.
+        raise ValueError(
+          f'the {name} vocabulary {vocab.path} has {vocab.size} ids, but '
+          f'this model was trained with vocab_size={self.data.vocab_size}: '
+          'it is not the vocabulary the model was trained with. Copy back '
+          f"the original workdir's {VOCAB_DIR}/ folder."
+        )
       if vocab.size != self.data.vocab_size:
         raise ValueError(
           f'config.data.vocab_size={self.data.vocab_size}, but the {name} '
