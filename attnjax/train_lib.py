@@ -309,8 +309,8 @@ class Experiment:
     """Everything `config` defines. A translation task keeps its
     vocabularies in `workdir` and trains them there if missing (unless
     `train_vocab` is False, when a missing one raises)."""
-    # The mesh first: its errors come before a translation task spends
-    # minutes training vocabularies.
+    # The mesh and the model first: their errors come before a translation
+    # task spends minutes preparing its data and training vocabularies.
     mesh = sharding.make_mesh(
       config.mesh.data, config.mesh.model, config.mesh.num_devices
     )
@@ -322,6 +322,12 @@ class Experiment:
           f'of the mesh ({data_size} devices). Pick a multiple of '
           f'{data_size} or change config.mesh.'
         )
+    if config.data.task in parallel.TASKS:
+      # The model's config errors too, before the data and vocabularies.
+      build_model(
+        config,
+        ModelSizes.planned(parallel.TranslationData.from_config(config.data)),
+      )
     task = make_task(config, workdir, train_vocab=train_vocab)
     model = build_model(config, task)
     tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
@@ -433,9 +439,48 @@ def model_name(config: ml_collections.ConfigDict) -> str:
   return config.model.decoder if architecture == 'rnn' else architecture
 
 
-def build_model(config: ml_collections.ConfigDict, task) -> nn.Module:
+@dataclasses.dataclass(frozen=True)
+class ModelSizes:
+  """What a model's config needs from its task: vocabulary sizes, lengths,
+  and whether source and target share one vocabulary."""
+
+  source_vocab_size: int
+  target_vocab_size: int
+  max_source_len: int
+  max_target_len: int
+  joint_vocab: bool
+
+  @classmethod
+  def of_task(cls, task) -> 'ModelSizes':
+    return cls(
+      source_vocab_size=task.source_vocab.size,
+      target_vocab_size=task.target_vocab.size,
+      max_source_len=task.max_source_len,
+      max_target_len=task.max_target_len,
+      joint_vocab=task.source_vocab == task.target_vocab,
+    )
+
+  @classmethod
+  def planned(cls, data: parallel.TranslationData) -> 'ModelSizes':
+    """A translation task's, known from its config before its vocabularies
+    are trained (each has `vocab_size` ids)."""
+    return cls(
+      source_vocab_size=data.vocab_size,
+      target_vocab_size=data.vocab_size,
+      max_source_len=data.max_source_len,
+      max_target_len=data.max_target_len,
+      joint_vocab=data.joint_vocab,
+    )
+
+
+def build_model(
+  config: ml_collections.ConfigDict, task_or_sizes: 'Task | ModelSizes'
+) -> nn.Module:
   """The model of `config.model` (`architecture` 'rnn', the default, or
-  'transformer'), sized for `task`'s vocabularies and lengths."""
+  'transformer'), sized for a task's vocabularies and lengths."""
+  sizes = task_or_sizes
+  if not isinstance(sizes, ModelSizes):
+    sizes = ModelSizes.of_task(sizes)
   fields = dict(config.model)
   architecture = fields.pop('architecture', 'rnn')
   if architecture not in ARCHITECTURES:
@@ -451,22 +496,29 @@ def build_model(config: ml_collections.ConfigDict, task) -> nn.Module:
       f'config.model has fields the {architecture} model does not take: '
       f'{unknown}. Known: {", ".join(sorted(known))}.'
     )
-  _check_vocab_fields(fields, task)
-  sizes = dict(
-    source_vocab_size=task.source_vocab.size,
-    target_vocab_size=task.target_vocab.size,
+  _check_vocab_fields(fields, sizes)
+  vocab_sizes = dict(
+    source_vocab_size=sizes.source_vocab_size,
+    target_vocab_size=sizes.target_vocab_size,
   )
   if architecture == 'transformer':
-    fields.setdefault('max_len', max(task.max_source_len, task.max_target_len))
-    return transformer.Transformer(config_class(**sizes, **fields))
-  fields.setdefault('max_source_len', task.max_source_len)
-  model_config = config_class(
-    **sizes, max_target_len=task.max_target_len, **fields
-  )
+    fields.setdefault(
+      'max_len', max(sizes.max_source_len, sizes.max_target_len)
+    )
+  else:
+    fields.setdefault('max_source_len', sizes.max_source_len)
+    vocab_sizes['max_target_len'] = sizes.max_target_len
+  try:
+    model_config = config_class(**vocab_sizes, **fields)
+  except ValueError as e:
+    # The class checks its fields; say where in the config they are set.
+    raise ValueError(f'config.model: {e}') from None
+  if architecture == 'transformer':
+    return transformer.Transformer(model_config)
   return seq2seq.Seq2Seq(model_config)
 
 
-def _check_vocab_fields(fields: dict[str, Any], task) -> None:
+def _check_vocab_fields(fields: dict[str, Any], sizes: ModelSizes) -> None:
   """The model's special ids and embedding sharing agree with the task's
   vocabularies, whose ids the data pipeline writes."""
   vocab_ids = {
@@ -481,7 +533,7 @@ def _check_vocab_fields(fields: dict[str, Any], task) -> None:
         f"vocabularies give that token ({id_}), so the model's and the "
         f"data's tokens would not match; remove config.model.{name}."
       )
-  if fields.get('share_embeddings') and task.source_vocab != task.target_vocab:
+  if fields.get('share_embeddings') and not sizes.joint_vocab:
     raise ValueError(
       'config.model.share_embeddings=True ties one embedding matrix to the '
       'source and target tokens, but this task has two different '

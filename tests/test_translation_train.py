@@ -474,13 +474,28 @@ def test_bad_data_config_names_the_field():
     parallel.TranslationData.from_config({'task': 'multi30k', 'vocab': 3})
 
 
-def test_batch_size_for_the_mesh_is_checked_before_the_vocabularies(
-  tfds_dir, tmp_path
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    # 8 devices on the data axis.
+    ({'batch_size': 12}, 'config.batch_size=12 is not divisible'),
+    ({'model.num_heads': 5}, 'must be divisible by num_heads=5'),
+    (
+      {'model.share_embeddings': True, 'data.joint_vocab': False},
+      'share_embeddings=True ties one embedding',
+    ),
+  ],
+)
+def test_mesh_and_model_are_checked_before_the_data_and_vocabularies(
+  tmp_path, overrides, message
 ):
-  config = tiny_config(tfds_dir, batch_size=12)  # 8 devices on the data axis
-  with pytest.raises(ValueError, match='config.batch_size=12 is not divisible'):
-    train_lib.Experiment.create(config, tmp_path)
-  assert not any(tmp_path.iterdir())  # no vocabulary trained first
+  tfds_dir = tmp_path / 'tfds'
+  workdir = tmp_path / 'workdir'
+  config = tiny_config(str(tfds_dir), **overrides)
+  with pytest.raises(ValueError, match=message):
+    train_lib.Experiment.create(config, workdir)
+  # Neither the TFDS dataset nor a vocabulary was made first.
+  assert not tfds_dir.exists() and not workdir.exists()
 
 
 # ---------------------------------------------------------------------------
