@@ -10,18 +10,17 @@ probability 0 unless `special_logit` gives them some.
 """
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from search_oracles import assert_matches, enumerate_nbest, reference_nbest
 
 from attnjax import decoding
 from attnjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
 HASH_SIZE = 631  # > 5**4, so prefixes of the enumerated model never collide.
-TINY = np.finfo(np.float32).tiny
 
 
 def _log_softmax(x):
@@ -98,18 +97,8 @@ class ToyModel:
   def next_log_probs(self, row, tokens):
     return self.table[row, self._code(tokens)].astype(np.float64)
 
-  def hypothesis(self, row, tokens, alpha=0.0, coverage_weight=0.0):
-    """(score, log_prob, tokens, attention [len, src]) of a full sequence."""
-    log_prob = sum(
-      self.next_log_probs(row, tokens[:t])[y] for t, y in enumerate(tokens)
-    )
-    attention = np.stack(
-      [self.attention[row, self._code(tokens[:t])] for t in range(len(tokens))]
-    )
-    score = log_prob / ((5 + len(tokens)) / 6) ** alpha
-    coverage = np.log(np.clip(attention.sum(0), TINY, 1.0))
-    score += coverage_weight * coverage[self.source_mask[row]].sum()
-    return score, log_prob, tuple(tokens), attention
+  def next_attention(self, row, tokens):
+    return self.attention[row, self._code(tokens)].astype(np.float64)
 
 
 def toy_step(params, tokens, state):
@@ -154,62 +143,6 @@ def search(model, search_fn=decoding.beam_search, attention=False, **config):
   result = run(model.params(), model.init_state())
   jax.effects_barrier()
   return result
-
-
-def enumerate_nbest(model, row, n, **penalties):
-  """The n best of ALL sequences: ended ones first, then truncated ones."""
-  letters = range(EOS_ID + 1, model.vocab)
-  ended = [
-    (*body, EOS_ID)
-    for length in range(model.max_len)
-    for body in itertools.product(letters, repeat=length)
-  ]
-  truncated = list(itertools.product(letters, repeat=model.max_len))
-  ranked = []
-  for group in (ended, truncated):
-    hyps = [model.hypothesis(row, seq, **penalties) for seq in group]
-    ranked.append(
-      sorted([h for h in hyps if h[0] > -np.inf], key=lambda h: -h[0])
-    )
-  return (ranked[0] + ranked[1])[:n]
-
-
-def reference_nbest(model, row, beam, n, **penalties):
-  """Plain beam search in numpy that always runs max_len steps."""
-  live, ended = [((), 0.0)], []
-  for _ in range(model.max_len):
-    candidates = [
-      (log_prob + lp, k * model.vocab + y, (*tokens, y))
-      for k, (tokens, log_prob) in enumerate(live)
-      for y, lp in enumerate(model.next_log_probs(row, tokens))
-      if np.isfinite(lp)
-    ]
-    candidates.sort(key=lambda c: (-c[0], c[1]))
-    ended += [c[2] for c in candidates[:beam] if c[2][-1] == EOS_ID]
-    live = [(c[2], c[0]) for c in candidates if c[2][-1] != EOS_ID][:beam]
-
-  def best(group):
-    hyps = [model.hypothesis(row, seq, **penalties) for seq in group]
-    return sorted(hyps, key=lambda h: -h[0])
-
-  return (best(ended)[:n] + best([t for t, _ in live]))[:n]
-
-
-def assert_matches(result, expected_per_row, max_len):
-  """`result` (a BeamResult) holds the expected hypotheses of every row."""
-  for row, expected in enumerate(expected_per_row):
-    scores, log_probs, tokens, attention = zip(*expected, strict=True)
-    np.testing.assert_array_equal(
-      result.tokens[row],
-      [t + (PAD_ID,) * (max_len - len(t)) for t in tokens],
-      err_msg=f'row {row}',
-    )
-    np.testing.assert_array_equal(result.lengths[row], [len(t) for t in tokens])
-    np.testing.assert_allclose(result.scores[row], scores, rtol=1e-5)
-    np.testing.assert_allclose(result.log_probs[row], log_probs, rtol=1e-5)
-    if result.attention is not None:
-      padded = [np.pad(a, ((0, max_len - len(a)), (0, 0))) for a in attention]
-      np.testing.assert_allclose(result.attention[row], padded, atol=1e-6)
 
 
 # With max_len 4 and two letters at most 3 * 2**3 candidates have a non-zero
