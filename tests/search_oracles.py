@@ -10,13 +10,17 @@ A model, as the oracles see it, has `rows`, `max_len`, `vocab`, a bool
 
 `enumerate_nbest` scores every sequence, `reference_nbest` runs a plain beam
 search in numpy, and `TeacherForced` builds such a model from a real model's
-teacher-forced pass (no cache, no search).
+teacher-forced pass (no cache, no search). `decode_model_and_beam` exposes
+the beam search result behind `decoding.decode_model`'s tokens, to be checked
+against them.
 """
 
 import itertools
+from unittest import mock
 
 import numpy as np
 
+from attnjax import decoding
 from attnjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
 TINY = np.finfo(np.float32).tiny
@@ -137,3 +141,26 @@ class TeacherForced:
   def next_attention(self, row, prefix):
     attention = self._pass(tuple(prefix))[1]
     return None if attention is None else attention[row, len(prefix)]
+
+
+def decode_model_and_beam(model, **kwargs):
+  """`(variables, inputs) -> (tokens, BeamResult)`, to be jitted:
+  `decoding.decode_model(model, variables, inputs, **kwargs)`'s tokens and
+  the beam search result (one hypothesis per row) it took them from, with
+  the scores and log-probs it does not return. The search is recorded as it
+  is traced, so both come from one compiled program."""
+  beam_search = decoding.beam_search
+
+  def run(variables, inputs):
+    results = []
+
+    def recorded(*args, **search_kwargs):
+      results.append(beam_search(*args, **search_kwargs))
+      return results[-1]
+
+    with mock.patch.object(decoding, 'beam_search', recorded):
+      tokens = decoding.decode_model(model, variables, inputs, **kwargs)
+    (result,) = results
+    return tokens, result
+
+  return run

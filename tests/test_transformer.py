@@ -14,6 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from search_oracles import (
+  TeacherForced,
+  assert_matches,
+  decode_model_and_beam,
+  reference_nbest,
+)
 
 from attnjax import decoding
 from attnjax.models.transformer import Transformer, TransformerConfig
@@ -206,10 +212,25 @@ def test_decode_model_greedy_and_beam(variant):
   greedy = search(variables, inputs)
   assert greedy.shape == (B, T)
   _check_greedy_is_argmax_path(variables, inputs, forward, greedy)
-  beam = search(variables, inputs, beam_size=2)
-  assert beam.shape == (B, T)
-  assert beam.dtype == jnp.int32
-  assert ((beam >= 0) & (beam < model.config.target_vocab_size)).all()
+  # Beam search through the cache, whose rows it reorders after every step,
+  # returns what a numpy beam search returns on the full pass's log-probs:
+  # the same best hypothesis, length, log-prob and length-penalised score.
+  beam_size, alpha = 3, 0.6
+  oracle = TeacherForced(
+    lambda targets: (forward(variables, inputs, jnp.asarray(targets)), None),
+    rows=B,
+    max_len=T,
+    vocab=model.config.target_vocab_size,
+  )
+  expected = [
+    reference_nbest(oracle, row, beam_size, 1, alpha=alpha) for row in range(B)
+  ]
+  tokens, result = jit(
+    decode_model_and_beam(model, max_len=T, beam_size=beam_size, alpha=alpha)
+  )(variables, inputs)
+  assert_matches(result, expected, T)
+  np.testing.assert_array_equal(tokens, result.tokens[:, 0])
+  assert (tokens != greedy).any()  # The beam found something greedy did not.
 
 
 def test_decode_model_uses_the_model_special_ids():
