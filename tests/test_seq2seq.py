@@ -17,6 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from search_oracles import (
+  TeacherForced,
+  assert_matches,
+  decode_model_and_beam,
+  reference_nbest,
+)
 
 from attnjax import decoding
 from attnjax.models import seq2seq
@@ -653,13 +659,39 @@ def test_beam_size_one_is_greedy_and_records_its_attention(
 
 
 def test_beam_search_with_coverage_penalty_decodes_an_attention_model():
+  """decode_model's beam search with the length and coverage penalties
+  returns what a numpy beam search returns on the teacher-forced pass: the
+  same best hypothesis, the attention behind each of its tokens, and as its
+  score the log-prob over the length penalty plus the coverage penalty of
+  that attention over the real source positions (GNMT's formula)."""
   c = _compiled(*ATTENTION_VARIANTS[0])
-  inputs, _, _ = _batch(seed=3)
-  decode = _decoder(c.model, T, beam_size=3, alpha=0.6, coverage_weight=0.5)
-  tokens = np.asarray(decode(c.variables, inputs))
-  assert tokens.shape == (B, T)
-  assert ((tokens >= 0) & (tokens < TGT_VOCAB)).all(), tokens
-  _assert_pad_after_eos(tokens)
+  inputs, _, lengths = _batch(seed=2)
+  beam_size, penalties = 3, dict(alpha=0.6, coverage_weight=2.0)
+
+  def teacher_forced(targets):
+    logits, _, _, weights = c.forward(
+      c.variables, inputs, jnp.asarray(targets), lengths
+    )
+    return logits, weights
+
+  oracle = TeacherForced(
+    teacher_forced,
+    rows=B,
+    max_len=T,
+    vocab=TGT_VOCAB,
+    source_mask=np.arange(S) < np.asarray(lengths)[:, None],
+  )
+  expected = [
+    reference_nbest(oracle, row, beam_size, 1, **penalties) for row in range(B)
+  ]
+  tokens, result = jit(
+    decode_model_and_beam(c.model, max_len=T, beam_size=beam_size, **penalties)
+  )(c.variables, inputs)
+  assert_matches(result, expected, T)
+  np.testing.assert_array_equal(tokens, result.tokens[:, 0])
+  # With these inputs the penalty changes row 0's best hypothesis.
+  without = reference_nbest(oracle, 0, beam_size, 1, alpha=penalties['alpha'])
+  assert without[0][2] != expected[0][0][2]
 
 
 def test_coverage_penalty_needs_attention():
