@@ -64,14 +64,17 @@ def _own_check(e: BaseException | None) -> BaseException | None:
 
   attnjax and the configs raise ValueError, OSError and FloatingPointError (a
   NaN loss) with a message naming the problem and the fix, printed in one
-  line. The same types raised inside a library are more likely bugs and keep
-  their traceback.
+  line. The same types raised inside a library, or by a line of ours that
+  is not a `raise` (a failed unpacking, numpy's shape errors), are more
+  likely bugs and keep their traceback.
   """
   while e is not None:
     frames = traceback.extract_tb(e.__traceback__)
     if isinstance(e, ValueError | OSError | FloatingPointError) and frames:
       where = pathlib.Path(frames[-1].filename).resolve()
-      if any(where.is_relative_to(own) for own in _OWN_CODE):
+      if (frames[-1].line or '').startswith('raise') and any(
+        where.is_relative_to(own) for own in _OWN_CODE
+      ):
         return e
     # A config file's error reaches us wrapped by ml_collections and absl.
     e = e.__context__

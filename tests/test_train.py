@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from attnjax import cli, train_lib
+from attnjax import cli, decoding, train_lib
 from attnjax.training import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -611,6 +611,16 @@ def test_train_py_keeps_the_traceback_of_a_library_error():
   with pytest.raises(ValueError) as library:
     jax.numpy.broadcast_shapes((2,), (3,))
   assert train_main._own_check(library.value) is None
+
+  # A ValueError from a line of attnjax that is not a `raise` is a bug too.
+  def step_fn(tokens, state):  # Returns three values, not two.
+    return jax.numpy.zeros((2, 5)), state, None
+
+  with pytest.raises(ValueError, match='too many values to unpack') as bug:
+    decoding.greedy_search(
+      step_fn, jax.numpy.zeros((2, 3)), batch_size=2, max_len=4
+    )
+  assert train_main._own_check(bug.value) is None
 
 
 @pytest.mark.parametrize(
