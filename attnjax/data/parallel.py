@@ -71,6 +71,11 @@ def _on_process_0(prepare, what: str) -> None:
   import jax  # Only to agree across processes.
   from jax.experimental import multihost_utils
 
+  if jax.process_count() > 1:
+    # All processes meet here first: the first collective of a run connects
+    # them (Gloo on CPU) and gives up after 30 s, so it must not be the one
+    # that waits for minutes of process 0's work.
+    multihost_utils.broadcast_one_to_all(np.int32(0))
   error = None
   if jax.process_index() == 0:
     try:
