@@ -146,7 +146,8 @@ def normed_additive(
   # In float32: ||v||^2 overflows float16 for |v| of a few hundred, and
   # rounding the sum, its rsqrt and the products apart costs bf16 bits.
   v32 = v.astype(jnp.float32)
-  v_normed = g.astype(jnp.float32) * v32 * jax.lax.rsqrt(jnp.sum(v32 * v32))
+  g32 = jnp.asarray(g, jnp.float32)
+  v_normed = g32 * v32 * jax.lax.rsqrt(jnp.sum(v32 * v32))
   return additive_from_projections(
     q @ w_q, k @ w_k, v_normed.astype(v.dtype), b
   )

@@ -149,6 +149,9 @@ def test_normed_additive_ignores_scale_of_v():
   out = fn(v, np.float32(0.5), b)
   out_scaled = fn(13.0 * v, np.float32(0.5), b)
   np.testing.assert_allclose(out, out_scaled, **TOL)
+  # g as a Python number, outside jit.
+  out_eager = scores.normed_additive(q, k, w_q, w_k, v, 0.5, b)
+  np.testing.assert_allclose(out_eager, out, **TOL)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float16, jnp.bfloat16])
