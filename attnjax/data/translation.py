@@ -609,10 +609,10 @@ def load_pairs(
   builder.download_and_prepare()  # Once per data_dir; then a no-op.
   builder.check_sources()
   try:
-    source = builder.as_data_source(split=split)
+    builder.info.splits[split]  # Parses the split; reads nothing.
   except ValueError as e:  # tfds: an unknown split or a malformed slice.
     raise TranslationDataError(
       f'bad split {split!r} for {name}: {str(e).splitlines()[0]} (A slice '
       "reads like 'train[:2000]' or 'train[:10%]'.)"
     ) from None
-  return PairSource(source, src, tgt)
+  return PairSource(builder.as_data_source(split=split), src, tgt)
