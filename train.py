@@ -62,15 +62,19 @@ _OWN_CODE = (
 def _own_check(e: BaseException | None) -> BaseException | None:
   """The error of one of the project's checks behind `e`, if any.
 
-  attnjax and the configs raise ValueError, OSError and FloatingPointError (a
-  NaN loss) with a message naming the problem and the fix, printed in one
-  line. The same types raised inside a library, or by a line of ours that
-  is not a `raise` (a failed unpacking, numpy's shape errors), are more
-  likely bugs and keep their traceback.
+  attnjax and the configs raise ValueError, OSError, FloatingPointError (a
+  NaN loss) and RuntimeError (another process failed) with a message naming
+  the problem and the fix, printed in one line. The same types raised
+  inside a library, or by a line of ours that is not a `raise` (a failed
+  unpacking, numpy's shape errors), are more likely bugs and keep their
+  traceback.
   """
   while e is not None:
     frames = traceback.extract_tb(e.__traceback__)
-    if isinstance(e, ValueError | OSError | FloatingPointError) and frames:
+    if (
+      isinstance(e, ValueError | OSError | FloatingPointError | RuntimeError)
+      and frames
+    ):
       where = pathlib.Path(frames[-1].filename).resolve()
       if (frames[-1].line or '').startswith('raise') and any(
         where.is_relative_to(own) for own in _OWN_CODE
@@ -131,7 +135,7 @@ def main(argv):
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
       )
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, OSError, FloatingPointError) as e:
+  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
     if _own_check(e) is not e:
       raise
     print(f'train.py: error: {e}', file=sys.stderr)

@@ -242,6 +242,8 @@ def _evaluate(exp, params, args: argparse.Namespace, search) -> None:
       **search,
     )
   except synthetic.HeldoutTooLarge as e:
+    if args.num_examples is None:  # The config's heldout_size: it says so.
+      raise
     raise ValueError(f'--num_examples={args.num_examples}: {e}') from None
   examples = result.pop('examples', [])
   split = args.split or _default_split(exp.task)

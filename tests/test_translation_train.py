@@ -148,9 +148,14 @@ def test_process_zero_prepares_data_and_vocabularies_first(
     events.append(f'broadcast {int(x)}')
     return x
 
+  def logged_allgather(x):
+    events.append(f'allgather {int(x)}')
+    return np.asarray([x, x])
+
   monkeypatch.setattr(parallel.translation_lib, 'load_pairs', logged_load)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all', logged_broadcast)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', logged_allgather)
   per_process = []
   for index in (0, 1):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
@@ -167,10 +172,19 @@ def test_process_zero_prepares_data_and_vocabularies_first(
       'broadcast 0',
       'read data',
       'broadcast 0',
+      'allgather 1',
     ],
     # Met, built; vocabularies present.
     ['broadcast 0', 'broadcast 0', 'broadcast 0'],
   ]
+  # A process that does not see the vocabularies process 0 wrote (another
+  # file system) stops every process, not only itself.
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  monkeypatch.setattr(
+    multihost_utils, 'process_allgather', lambda x: np.asarray([x, 0])
+  )
+  with pytest.raises(FileNotFoundError, match=r'process\(es\) \[1\] do not'):
+    make_task(tfds_dir, tmp_path / 'elsewhere')
 
 
 def test_failure_on_process_zero_stops_every_process(tmp_path):
@@ -203,6 +217,7 @@ def test_failure_on_process_zero_stops_every_process(tmp_path):
   assert 'process 0 failed to prepare the TFDS dataset' in outs[1], outs[1][
     -2000:
   ]
+  assert not any('Traceback' in out for out in outs), outs
 
 
 # The training pipeline.

@@ -396,12 +396,18 @@ class TranslationTask:
     if not missing:
       return
     _on_process_0(lambda: self._write_vocabs(paths), 'train the vocabularies')
-    if jax.process_count() > 1 and not all(p.exists() for p in paths.values()):
-      raise FileNotFoundError(
-        f'process {jax.process_index()} does not see the vocabularies '
-        f'process 0 wrote to {self.vocab_dir}: the workdir must be on a '
-        'file system all processes share.'
+    if jax.process_count() > 1:
+      # Agreed on, so that all processes stop, not only those that miss them.
+      sees = multihost_utils.process_allgather(
+        np.int32(all(p.exists() for p in paths.values()))
       )
+      if not np.all(sees):
+        blind = np.flatnonzero(np.asarray(sees) == 0).tolist()
+        raise FileNotFoundError(
+          f'process(es) {blind} do not see the vocabularies process 0 wrote '
+          f'to {self.vocab_dir}: the workdir must be on a file system all '
+          'processes share.'
+        )
 
   def _write_vocabs(self, paths: dict[str, pathlib.Path]) -> None:
     """Trains a SentencePiece model for each of `paths` on the training
