@@ -51,10 +51,12 @@ def make_mesh(data: int, model: int, num_devices: int = 0) -> Mesh:
     )
   if data == -1:
     if n % model:
+      fix = f'choose a divisor of {n}'
+      if model <= len(jax.devices()):  # Else no device count is a multiple.
+        fix += f', or set mesh.num_devices to a multiple of {model}'
       raise ValueError(
         f'mesh.model={model} does not divide the {n} devices in use '
-        '(mesh.data=-1 takes the rest): choose a divisor of '
-        f'{n}, or set mesh.num_devices to a multiple of {model}.'
+        f'(mesh.data=-1 takes the rest): {fix}.'
       )
     data = n // model
   if data * model != n:
