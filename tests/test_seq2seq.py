@@ -191,6 +191,22 @@ class _Compiled:
   greedy: Callable
 
 
+def _encode_and_start(model, variables, inputs, lengths=None):
+  """The encoder's output and the decoder's initial state, as decoding
+  starts from them."""
+  encoded = model.apply(
+    variables, inputs, source_lengths=lengths, method='encode'
+  )
+  state = model.apply(
+    variables,
+    encoded,
+    inputs,
+    source_lengths=lengths,
+    method='initial_decoder_state',
+  )
+  return encoded, state
+
+
 @functools.cache
 def _compiled(cell, decoder, bidirectional, overrides=()) -> _Compiled:
   model = _model(cell, decoder, bidirectional, **dict(overrides))
@@ -204,16 +220,7 @@ def _compiled(cell, decoder, bidirectional, overrides=()) -> _Compiled:
       source_lengths=lengths,
       mutable=['intermediates'],
     )
-    encoded = model.apply(
-      variables, inputs, source_lengths=lengths, method='encode'
-    )
-    state = model.apply(
-      variables,
-      encoded,
-      inputs,
-      source_lengths=lengths,
-      method='initial_decoder_state',
-    )
+    encoded, state = _encode_and_start(model, variables, inputs, lengths)
     return logits, encoded, state, _sown_weights(sown)
 
   # Weights of U(-1, 1) make the attention peaked where U(-0.3, 0.3) leaves
@@ -384,16 +391,7 @@ def test_bahdanau_initial_state_reads_the_whole_reversed_source():
   variables = _init(plain, scale=1.0)
 
   def initial_carries(model, tokens):
-    encoded = model.apply(
-      variables, tokens, source_lengths=lengths, method='encode'
-    )
-    state = model.apply(
-      variables,
-      encoded,
-      tokens,
-      source_lengths=lengths,
-      method='initial_decoder_state',
-    )
+    _, state = _encode_and_start(model, variables, tokens, lengths)
     return state['carries']
 
   jax.tree.map(
@@ -601,10 +599,7 @@ def _beam_search(model, beam_size):
 
   @jit
   def search(variables, inputs):
-    encoded = model.apply(variables, inputs, method='encode')
-    state = model.apply(
-      variables, encoded, inputs, method='initial_decoder_state'
-    )
+    encoded, state = _encode_and_start(model, variables, inputs)
 
     def step_fn(tokens, state):
       logits, state = model.apply(
@@ -800,16 +795,7 @@ def test_decoder_steps_match_the_papers_equations(decoder):
   model = _model('gru', decoder, False, num_layers=1)
   variables = _init(model, scale=1.0)
   inputs, targets, lengths = _batch()
-  encoded = model.apply(
-    variables, inputs, source_lengths=lengths, method='encode'
-  )
-  state = model.apply(
-    variables,
-    encoded,
-    inputs,
-    source_lengths=lengths,
-    method='initial_decoder_state',
-  )
+  encoded, state = _encode_and_start(model, variables, inputs, lengths)
   tokens = np.concatenate([np.full((B, 1), BOS), targets[:, :2]], 1)
   got = []
   for t in range(tokens.shape[1]):
