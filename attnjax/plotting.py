@@ -56,7 +56,8 @@ class AttentionMap:
   """The attention weights of one decoded output.
 
   Attributes:
-    source: the source string as given.
+    source: the source string as the model read it: as given, or cut
+      (ending ' …') when a translation task's `long_input='truncate'` cut it.
     output: the decoded text (EOS and padding removed).
     source_labels: one label per source token (the task's formatting, e.g.
       addition's left padding, included).
@@ -311,7 +312,7 @@ def attention_maps(
       output_ids = output_ids[: output_ids.index(vocab_lib.EOS_ID) + 1]
     maps.append(
       AttentionMap(
-        source=source,
+        source=task.source_as_read(source),
         output=task.target_vocab.decode(tokens[row]),
         source_labels=token_labels(task.source_vocab, source_ids),
         output_labels=token_labels(task.target_vocab, output_ids),

@@ -146,3 +146,15 @@ def test_plot_labels_are_sentencepiece_pieces(workdir):
   assert amap.source_labels[0].startswith('\u2581')  # SentencePiece's '▁'
   assert amap.weights.shape == (len(amap.output_labels), len(source_ids))
   assert amap.attention == 'layer 0, head 1'
+
+
+def test_plot_of_a_cut_input_is_titled_with_what_the_model_read(workdir):
+  exp, params = train_lib.load_trained(workdir, long_input='truncate')
+  task = exp.task
+  (amap,) = plotting.attention_maps(exp, params, [LONG_SOURCE])
+  kept = task.prepare_source(LONG_SOURCE)
+  assert len(kept) == task.max_source_len == len(amap.source_labels)
+  assert amap.source == task.decode_source(kept) + ' …'
+  assert LONG_SOURCE.startswith(amap.source[: -len(' …')])
+  (whole,) = plotting.attention_maps(exp, params, [SOURCE])
+  assert whole.source == SOURCE

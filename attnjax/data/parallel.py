@@ -490,6 +490,14 @@ class TranslationTask:
   def decode_source(self, ids) -> str:
     return self.source_vocab.decode(ids)
 
+  def source_as_read(self, text: str) -> str:
+    """`text` as the model reads it: itself, or when `long_input='truncate'`
+    cuts it, the kept tokens decoded and followed by ' …'."""
+    ids = self.source_vocab.encode(translation_lib.normalize_text(text))
+    if len(ids) <= self.max_source_len:
+      return text
+    return self.decode_source(ids[: self.max_source_len]) + ' …'
+
   def score(
     self, predictions: Sequence[str], references: Sequence[str]
   ) -> dict[str, float]:

@@ -176,6 +176,11 @@ class Task(abc.ABC):
       )
     return ids
 
+  def source_as_read(self, text: str) -> str:
+    """`text` as the model reads it: itself, since a source that does not
+    fit is refused, never cut."""
+    return text
+
   def is_heldout(self, source: str) -> bool:
     """Whether `source` is in the held-out partition (about 2.5%)."""
     crc = zlib.crc32(source.encode(), _partition_salt(self.name))
