@@ -164,10 +164,7 @@ class Task(abc.ABC):
       ValueError: empty input, characters outside the alphabet, or a source
         longer than the task's sources.
     """
-    if not text.strip():
-      raise ValueError('empty input: give a non-blank source string.')
-    # Unknown characters are named in the text as given, not as padded.
-    self.vocab.encode(text.strip())
+    self._check_characters(text)
     ids = self.vocab.encode(self.format_source(text))
     if len(ids) > self.max_source_len:
       raise ValueError(
@@ -176,9 +173,16 @@ class Task(abc.ABC):
       )
     return ids
 
+  def _check_characters(self, text: str) -> None:
+    """Raises ValueError for a blank `text` or one with characters outside
+    the alphabet (named as given, not as `format_source` pads them)."""
+    if not text.strip():
+      raise ValueError('empty input: give a non-blank source string.')
+    self.vocab.encode(text.strip())
+
   def source_as_read(self, text: str) -> str:
-    """`text` as the model reads it: itself, since a source that does not
-    fit is refused, never cut."""
+    """`text` itself: a synthetic task refuses a source that does not fit
+    rather than cut it."""
     return text
 
   def is_heldout(self, source: str) -> bool:
@@ -315,13 +319,16 @@ class AdditionTask(Task):
 
   def prepare_source(self, text: str) -> list[int]:
     """Token ids of a user-given question such as '123+456', written as
-    the training questions are ('007+8' as '7+8').
+    the training questions are ('007+8' as '7+8', however long the zeros).
 
     Raises:
-      ValueError: as `Task.prepare_source`, or a question that is not
-        `n_numbers` numbers from 0 to `largest` joined by '+'.
+      ValueError: a blank question, characters outside the alphabet, or a
+        question that is not `n_numbers` numbers from 0 to `largest` joined
+        by '+'.
     """
-    super().prepare_source(text)  # Blank, unknown characters, too long.
+    # No length check: a question of the right form always fits once written
+    # as in training, and one that does not is refused below.
+    self._check_characters(text)
     terms = text.strip().split('+')
     if len(terms) != self.n_numbers or not all(
       term.isdigit() and int(term) <= self.largest for term in terms
