@@ -63,8 +63,9 @@ def masked_softmax(
   """Softmax over `axis` restricted to the positions where `mask` is True.
 
   Computed and returned in float32 whatever the input dtype. Masked positions
-  are exactly 0; a slice with no allowed position is all zeros (neither NaN
-  nor uniform) and has a zero, finite gradient.
+  are exactly 0; a slice with no allowed position (or whose allowed scores
+  are all -inf) is all zeros (neither NaN nor uniform) and has a zero, finite
+  gradient.
 
   Args:
     scores: `[..., k_len]` (any float dtype).
@@ -74,11 +75,15 @@ def masked_softmax(
   _checks.assert_float(scores, names=('masked_softmax: scores',))
   scores = scores.astype(jnp.float32)
   if mask is None:
-    return jax.nn.softmax(scores, axis=axis)
-  _checks.check_mask(mask, scores.shape)
-  # Masked entries become -inf *before* any arithmetic, so whatever they held
-  # (inf, NaN, huge values) cannot leak into the value or the gradient.
-  masked = jnp.where(mask, scores, -jnp.inf)
+    # Not jax.nn.softmax: a score that is itself -inf on a whole row (a bias
+    # table, a custom causal score) must give zeros as with an all-True mask
+    # (and as chunked_attention does), not NaN.
+    masked = scores
+  else:
+    _checks.check_mask(mask, scores.shape)
+    # Masked entries become -inf *before* any arithmetic, so whatever they
+    # held (inf, NaN, huge values) cannot leak into the value or gradient.
+    masked = jnp.where(mask, scores, -jnp.inf)
   row_max = jnp.max(masked, axis=axis, keepdims=True)
   row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0))
   unnormalised = jnp.exp(masked - row_max)

@@ -669,6 +669,34 @@ def test_chunked_bfloat16_weight_gradient_summed_in_float32():
   assert np.abs(chunked - exact).max() <= 1.5 * np.abs(dense - exact).max()
 
 
+def test_chunked_equals_dense_when_the_score_rules_out_a_whole_row():
+  # No mask, but the score itself is -inf on every key of query 1 (e.g. a
+  # bias table): the dense softmax gave NaN there, the chunked one 0.
+  rng = np.random.default_rng(15)
+  q, k, v = _qkv(rng)
+  blocked = (np.arange(TQ) == 1)[:, None]
+
+  def score_fn(q, k):
+    return jnp.where(blocked, -jnp.inf, scores.dot(q, k))
+
+  def loss(q, k, v, chunked):
+    if chunked:
+      out = attention.chunked_attention(q, k, v, score_fn, chunk_size=4)
+    else:
+      out = attention.attention(q, k, v, score_fn)[0]
+    return jnp.sum(out), out
+
+  @_jit
+  def run(q, k, v):
+    grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+    return grad(q, k, v, True), grad(q, k, v, False)
+
+  (chunked_grads, chunked), (dense_grads, dense) = run(q, k, v)
+  np.testing.assert_array_equal(dense[:, 1], 0.0)
+  np.testing.assert_allclose(dense, chunked, atol=1e-5, rtol=1e-5)
+  _assert_trees_close(dense_grads, chunked_grads, atol=1e-4, rtol=1e-4)
+
+
 def test_chunked_without_keys_equals_dense():
   # No key at all: a zero context, as from attention(), not a division by 0.
   q, k, v = _qkv(np.random.default_rng(13), tk=0)

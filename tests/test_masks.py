@@ -195,6 +195,26 @@ def test_all_true_mask_equals_jax_softmax():
   )
 
 
+def test_no_mask_equals_all_true_mask_on_rows_of_minus_inf():
+  # A score function may itself return -inf (a bias table, a custom causal
+  # score). mask=None means "all allowed", so it must give what an all-True
+  # mask gives: a -inf row is all zeros with a zero gradient, not NaN (as
+  # chunked_attention, which has no softmax of its own, already returns).
+  scores = np.array(
+    [[-np.inf, -np.inf, -np.inf], [0.5, -np.inf, 2.0], [1.0, 2.0, 3.0]],
+    np.float32,
+  )
+  ones = np.ones(scores.shape, bool)
+  out = np.asarray(masked_softmax(scores, None))
+  np.testing.assert_array_equal(out, masked_softmax(scores, ones))
+  np.testing.assert_array_equal(out[0], 0.0)
+  np.testing.assert_allclose(out[1:], _ref_masked_softmax(scores[1:], ones[1:]))
+  weights = np.arange(3, dtype=np.float32)
+  grad = np.asarray(_grad_of_weighted_sum(scores, None, weights))
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_array_equal(grad[0], 0.0)
+
+
 def test_large_allowed_scores_do_not_overflow():
   scores = np.array([[1e4, 1e4 - 1.0, -1e4, 5e4]], np.float32)
   mask = np.array([[True, True, True, False]])
