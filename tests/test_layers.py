@@ -39,6 +39,20 @@ def _unbox(tree):
   return nn.meta.unbox(tree)
 
 
+def _f64(x):
+  return np.asarray(x, np.float64)
+
+
+def _np_softmax(s, mask):
+  """Float64 softmax over the last axis; rows with nothing allowed are 0."""
+  mask = np.broadcast_to(mask, s.shape)
+  e = np.where(
+    mask, np.exp(s - np.where(mask, s, -np.inf).max(-1, keepdims=True)), 0
+  )
+  total = e.sum(-1, keepdims=True)
+  return e / np.where(total > 0, total, 1.0)
+
+
 class TestMultiHeadAttention:
   @pytest.mark.parametrize('score', PARAM_SCORES)
   def test_cached_decoding_equals_full_forward(self, score):
@@ -502,6 +516,138 @@ class TestAlignmentModules:
     other = jax.nn.one_hot(jnp.array([4, 6]), T)
     _, w_other = layer.apply(variables, q, k, mask=mask, init=other)
     assert not np.allclose(w_other[:, 0], weights[:, 0])
+
+  # The modules against float64 numpy references of the paper formulas,
+  # computed from the modules' own parameters.
+
+  def test_local_m_matches_numpy(self):
+    q, k = _inputs(0, (B, 4, D)), _inputs(1)
+    mask = self._mask()
+    layer = layers.LocalAttention(window=1)  # Luong's 'general' score
+    variables = layer.init(jax.random.key(0), q, k, mask=mask)
+    positions = jnp.array([0, 2, 4, 6])
+    context, weights = layer.apply(
+      variables, q, k, mask=mask, positions=positions
+    )
+    w = _f64(_unbox(variables['params'])['score_w'])
+    q64, k64 = _f64(q), _f64(k)
+    logits = q64 @ w @ np.swapaxes(k64, -1, -2)
+    window = np.abs(np.arange(T) - np.asarray(positions)[:, None]) <= 1
+    expected = _np_softmax(logits, window & np.asarray(mask))
+    np.testing.assert_allclose(weights, expected, atol=1e-5)
+    np.testing.assert_allclose(context, expected @ k64, atol=1e-5)
+
+  def test_hard_attention_argmax_matches_numpy(self):
+    q, k = _inputs(0, (B, 3, D)), _inputs(1)
+    mask = self._mask()
+    layer = layers.HardAttention()  # Bahdanau's additive score
+    variables = layer.init(
+      jax.random.key(0), q, k, mask=mask, deterministic=True
+    )
+    context, weights = layer.apply(
+      variables, q, k, mask=mask, deterministic=True
+    )
+    p = {n: _f64(x) for n, x in _unbox(variables['params']).items()}
+    hidden = (_f64(q) @ p['score_w_q'])[:, :, None] + (
+      _f64(k) @ p['score_w_k']
+    )[:, None]
+    logits = np.tanh(hidden + p['score_b']) @ p['score_v']
+    allowed = np.broadcast_to(np.asarray(mask), logits.shape)
+    choice = np.argmax(np.where(allowed, logits, -np.inf), -1)
+    expected = np.eye(T)[choice]
+    np.testing.assert_array_equal(weights, expected)
+    np.testing.assert_allclose(context, expected @ _f64(k), atol=1e-6)
+
+    # Training: a sampled one-hot on an allowed key, and a straight-through
+    # gradient that reaches the score's weights.
+    def loss(params):
+      _, w = layer.apply(
+        {'params': params},
+        q,
+        k,
+        mask=mask,
+        deterministic=False,
+        rngs={'gumbel': jax.random.key(4)},
+      )
+      return jnp.sum(w * jnp.arange(T)), w
+
+    grads, sampled = jax.grad(loss, has_aux=True)(variables['params'])
+    sampled = np.asarray(sampled)
+    np.testing.assert_array_equal(sampled.sum(-1), 1.0)
+    assert np.all(sampled[~allowed] == 0)
+    g = np.asarray(_unbox(grads)['score_v'])
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+  def test_monotonic_matches_numpy(self):
+    """Energies g v^T / ||v|| tanh(W s + V h + b) + r (Raffel et al.),
+    with the learned bias r, then the expected alignment recurrence in
+    training and hard monotonic decoding at inference."""
+    q, k = _inputs(0, (B, 4, D)), _inputs(1)
+    mask = self._mask()
+    layer = layers.MonotonicAttention(noise_std=0.0, score_bias_init=-0.7)
+    variables = layer.init(
+      jax.random.key(0), q, k, mask=mask, deterministic=True
+    )
+    # A larger gain than the initial 1 / sqrt(H) spreads p_choose over
+    # (0, 1), so hard decoding both attends and skips.
+    variables = {
+      'params': {**_unbox(variables['params']), 'score_g': jnp.float32(3.0)}
+    }
+    p = {n: _f64(x) for n, x in variables['params'].items()}
+    assert p['score_bias'] == np.float32(-0.7)
+    hidden = (_f64(q) @ p['score_w_q'])[:, :, None] + (
+      _f64(k) @ p['score_w_k']
+    )[:, None]
+    v_unit = p['score_g'] * p['score_v'] / np.linalg.norm(p['score_v'])
+    energy = np.tanh(hidden + p['score_b']) @ v_unit + p['score_bias']
+    valid = np.broadcast_to(np.asarray(mask), energy.shape)
+    p_choose = np.where(valid, 1 / (1 + np.exp(-energy)), 0.0)
+
+    # Expected alignment, row by row from a one-hot at key 0:
+    # alpha_j = p_j sum_{k<=j} alpha_prev_k prod_{l=k}^{j-1} (1 - p_l).
+    expected = np.zeros(energy.shape)
+    for b in range(B):
+      prev = np.eye(T)[0]
+      for t in range(q.shape[1]):
+        for j in range(T):
+          expected[b, t, j] = p_choose[b, t, j] * sum(
+            prev[m] * np.prod(1 - p_choose[b, t, m:j]) for m in range(j + 1)
+          )
+        prev = expected[b, t]
+    _, soft = layer.apply(
+      variables,
+      q,
+      k,
+      mask=mask,
+      deterministic=False,
+      rngs={'noise': jax.random.key(5)},
+    )
+    np.testing.assert_allclose(soft, expected, atol=1e-5)
+
+    # Hard: the first valid key at or after the last one with p >= 0.5.
+    hard_expected = np.zeros(energy.shape)
+    for b in range(B):
+      start = 0
+      for t in range(q.shape[1]):
+        hits = [j for j in range(start, T) if p_choose[b, t, j] >= 0.5]
+        if not hits:
+          break
+        start = hits[0]
+        hard_expected[b, t, start] = 1.0
+    _, hard = layer.apply(variables, q, k, mask=mask, deterministic=True)
+    assert hard_expected.sum() > 0
+    np.testing.assert_array_equal(hard, hard_expected)
+
+    # Training noise (pre-sigmoid) changes the alignment.
+    _, noisy = layer.clone(noise_std=1.0).apply(
+      variables,
+      q,
+      k,
+      mask=mask,
+      deterministic=False,
+      rngs={'noise': jax.random.key(5)},
+    )
+    assert not np.allclose(noisy, soft, atol=1e-3)
 
   def test_location_aware_rejects_even_kernel(self):
     q, k = _inputs(0, (B, 4, D)), _inputs(1)
