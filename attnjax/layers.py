@@ -476,12 +476,17 @@ class MultiHeadAttention(nn.Module):
           "implementation='jax' has no attention dropout; set dropout_rate=0 "
           "or use implementation='dense'."
         )
-      if mask is not None:
-        mask = jnp.broadcast_to(
-          mask,
-          (*query.shape[:-3], self.num_heads, query.shape[-3], key.shape[-3]),
-        )
-      return jax.nn.dot_product_attention(query, key, value, mask=mask)
+      if mask is None:
+        return jax.nn.dot_product_attention(query, key, value)
+      mask = jnp.broadcast_to(
+        mask,
+        (*query.shape[:-3], self.num_heads, query.shape[-3], key.shape[-3]),
+      )
+      context = jax.nn.dot_product_attention(query, key, value, mask=mask)
+      # jax.nn gives a query with no allowed key the mean of the values; the
+      # other paths (masked_softmax's all-zero row) a zero context.
+      any_key = jnp.swapaxes(jnp.any(mask, axis=-1), -2, -1)  # [.., q, heads]
+      return jnp.where(any_key[..., None], context, 0)
 
     # The pure functions take heads before length.
     q, k, v = (jnp.swapaxes(x, -3, -2) for x in (query, key, value))

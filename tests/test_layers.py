@@ -149,6 +149,20 @@ class TestMultiHeadAttention:
     )
     np.testing.assert_allclose(fast, dense, atol=1e-5)
 
+  def test_jax_path_equals_dense_for_a_sequence_without_valid_keys(self):
+    # An all-padding entry: jax.nn.dot_product_attention gives a query with
+    # no allowed key the mean of the values; the dense and chunked paths
+    # (masked_softmax's all-zero row) a zero context.
+    x = _inputs()
+    mask = _padding_mask([0, 7])
+    model = layers.MultiHeadAttention(num_heads=HEADS, deterministic=True)
+    params = model.init(jax.random.key(1), x)['params']
+    dense = model.apply({'params': params}, x, mask=mask)
+    fast = model.clone(implementation='jax').apply(
+      {'params': params}, x, mask=mask
+    )
+    np.testing.assert_allclose(fast, dense, atol=1e-5)
+
   def test_matches_pure_attention_on_its_own_projections(self):
     x, y = _inputs(0), _inputs(1, (B, 5, D))
     model = layers.MultiHeadAttention(
