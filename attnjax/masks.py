@@ -84,7 +84,8 @@ def masked_softmax(
     # Masked entries become -inf *before* any arithmetic, so whatever they
     # held (inf, NaN, huge values) cannot leak into the value or gradient.
     masked = jnp.where(mask, scores, -jnp.inf)
-  row_max = jnp.max(masked, axis=axis, keepdims=True)
+  # initial: an empty axis (no key at all) is a row with nothing allowed.
+  row_max = jnp.max(masked, axis=axis, keepdims=True, initial=-jnp.inf)
   row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0))
   unnormalised = jnp.exp(masked - row_max)
   total = jnp.sum(unnormalised, axis=axis, keepdims=True)

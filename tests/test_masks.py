@@ -215,6 +215,16 @@ def test_no_mask_equals_all_true_mask_on_rows_of_minus_inf():
   np.testing.assert_array_equal(grad[0], 0.0)
 
 
+@pytest.mark.parametrize('with_mask', [False, True])
+def test_no_key_at_all_gives_an_empty_result(with_mask):
+  # k_len = 0 (e.g. an empty source): nothing allowed, not a max-of-empty
+  # error.
+  scores = np.zeros((2, 3, 0), np.float32)
+  mask = np.zeros((2, 1, 0), bool) if with_mask else None
+  out = masked_softmax(scores, mask)
+  assert out.shape == (2, 3, 0) and out.dtype == jnp.float32
+
+
 def test_large_allowed_scores_do_not_overflow():
   scores = np.array([[1e4, 1e4 - 1.0, -1e4, 5e4]], np.float32)
   mask = np.array([[True, True, True, False]])
