@@ -34,8 +34,12 @@ from attnjax.training import sharding
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py.')
-_STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per round.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds.')
+_STEPS = flags.DEFINE_integer(
+  'steps', 30, 'Timed steps per round.', lower_bound=1
+)
+_ROUNDS = flags.DEFINE_integer(
+  'rounds', 5, 'Alternating rounds.', lower_bound=1
+)
 _WORKDIR = flags.DEFINE_string(
   'workdir', '', 'Where a translation task keeps its vocabularies.'
 )
