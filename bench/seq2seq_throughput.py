@@ -99,14 +99,25 @@ _PEER = flags.DEFINE_string(
 )
 
 _MODELS = flags.DEFINE_list('models', list(MODELS), 'Models to measure.')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per round.')
-_UNROLL = flags.DEFINE_integer('unroll', 1, 'Unroll of the RNN time scans.')
+_ROUNDS = flags.DEFINE_integer(
+  'rounds', 3, 'Alternating rounds.', lower_bound=1
+)
+_STEPS = flags.DEFINE_integer(
+  'steps', 10, 'Timed steps per round.', lower_bound=1
+)
+_UNROLL = flags.DEFINE_integer(
+  'unroll', 1, 'Unroll of the RNN time scans.', lower_bound=1
+)
 _PROFILE = flags.DEFINE_bool(
   'profile', False, 'Also print where the worker threads spend a step.'
 )
 _TORCH = flags.DEFINE_string(
   'torch_python', '', 'Python of a virtual environment with torch.'
+)
+flags.register_validator(
+  'models',
+  lambda names: bool(names) and set(names) <= set(MODELS),
+  f'--models must name one or more of {", ".join(MODELS)}.',
 )
 
 
@@ -355,14 +366,32 @@ def _profile(name, step, state, batch):
 def _peer(name: str) -> float:
   peer = PEER_MODELS.get(name, name)
   command = [_TORCH.value, _PEER.value, peer, str(LENGTH), str(LENGTH)]
-  out = subprocess.run(
-    [*command, str(_STEPS.value)], capture_output=True, text=True, check=True
-  ).stdout
-  return float(re.search(r'tgt_tokens_per_s=(\d+)', out).group(1))
+  command.append(str(_STEPS.value))
+  done = subprocess.run(command, capture_output=True, text=True)
+  found = re.search(r'tgt_tokens_per_s=(\d+)', done.stdout)
+  if done.returncode or not found:
+    # The peer's own error (e.g. no torch in --torch_python) is in its stderr.
+    tail = '\n'.join(done.stderr.strip().splitlines()[-5:])
+    raise SystemExit(
+      f'the peer failed (exit {done.returncode}): {" ".join(command)}\n{tail}'
+    )
+  return float(found.group(1))
+
+
+def _check_peer_flags() -> None:
+  """Fails before anything compiles on a --torch_python or --peer that
+  cannot run."""
+  if not _TORCH.value:
+    return
+  if not pathlib.Path(_TORCH.value).is_file():
+    raise app.UsageError(f'--torch_python={_TORCH.value}: no such file.')
+  if not pathlib.Path(_PEER.value).is_file():
+    raise app.UsageError(f'--peer={_PEER.value}: no such file.')
 
 
 def main(argv):
   del argv
+  _check_peer_flags()
   rows = []
   for name in _MODELS.value:
     step, state, batch, n_params = _make_step(name)
