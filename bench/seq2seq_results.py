@@ -44,7 +44,10 @@ _VARIANTS = flags.DEFINE_list(
   'variants', list(base.VARIANTS), 'Variants to train, in table order.'
 )
 _STEPS = flags.DEFINE_integer(
-  'steps', 0, 'Training steps of every variant (0: the config default).'
+  'steps',
+  0,
+  'Training steps of every variant (0: the config default).',
+  lower_bound=0,
 )
 _ROOT = flags.DEFINE_string(
   'workdir_root', '/tmp/attnjax-results', 'Where the runs are written.'
@@ -72,8 +75,35 @@ def _describe(name: str) -> str:
   return ' '.join(parts)
 
 
+def _config(name: str):
+  return importlib.import_module(f'configs.{_TASK.value}').get_config(name)
+
+
+def _check_heatmap(root: pathlib.Path) -> None:
+  """Refuses, before any training, a --heatmap that could not be drawn."""
+  name = _HEATMAP.value
+  if name not in base.VARIANTS:
+    raise app.UsageError(
+      f'--heatmap={name} is not a variant; known: {", ".join(base.VARIANTS)}.'
+    )
+  if not _INPUT.value:
+    raise app.UsageError('--heatmap needs --input, the source to plot.')
+  if base.VARIANTS[name]['decoder'] not in seq2seq.ATTENTION_DECODERS:
+    raise app.UsageError(
+      f'--heatmap={name}: its decoder has no attention to draw.'
+    )
+  if name not in _VARIANTS.value and not (root / name).is_dir():
+    raise app.UsageError(
+      f'--heatmap={name} is neither in --variants nor trained in {root}.'
+    )
+  try:
+    train_lib.make_task(_config(name)).prepare_source(_INPUT.value)
+  except ValueError as e:
+    raise app.UsageError(f'--input={_INPUT.value!r}: {e}') from None
+
+
 def _run(name: str, root: pathlib.Path) -> dict:
-  config = importlib.import_module(f'configs.{_TASK.value}').get_config(name)
+  config = _config(name)
   if _STEPS.value:
     config.num_train_steps = _STEPS.value
     config.eval_every_steps = config.checkpoint_every_steps = _STEPS.value
@@ -102,9 +132,9 @@ def main(argv):
     raise app.UsageError(
       f'unknown variants {unknown}; known: {", ".join(base.VARIANTS)}.'
     )
-  if _HEATMAP.value and not _INPUT.value:
-    raise app.UsageError('--heatmap needs --input, the source to plot.')
   root = pathlib.Path(_ROOT.value) / _TASK.value
+  if _HEATMAP.value:
+    _check_heatmap(root)
   root.mkdir(parents=True, exist_ok=True)
   results = root / 'results.jsonl'
   with open(results, 'a') as log:
@@ -123,6 +153,8 @@ def main(argv):
     row = json.loads(line)
     latest[row['variant']] = row
   rows = [latest[name] for name in base.VARIANTS if name in latest]
+  if not rows:
+    raise app.UsageError(f'no variant trained yet in {root}: give --variants.')
   examples = rows[0]['num_examples']
   print(f'\n{_TASK.value}, held-out exact match on {examples} examples')
   print('\n| variant | model | steps | exact match | token acc | time |')
