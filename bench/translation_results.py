@@ -1,7 +1,7 @@
 """BLEU of trained translation workdirs, greedy and beam search, as a table.
 
-  python bench/translation_results.py \
-      --workdirs=workdirs/multi30k_transformer,workdirs/multi30k_bahdanau \
+  python bench/translation_results.py \\
+      --workdirs=workdirs/multi30k_transformer,workdirs/multi30k_bahdanau \\
       [--split=test] [--beams=1,4] [--alpha=0.6] [--show=4]
       [--num_examples=N] [--input=SENTENCE ...]
 
