@@ -16,6 +16,7 @@ sentences are decoded by every model with the largest of --beams.
 """
 
 import json
+import math
 import pathlib
 import time
 
@@ -23,15 +24,54 @@ import jax
 from absl import app, flags
 
 from attnjax import train_lib
+from attnjax.data import parallel
 from attnjax.training import checkpoints
 
 _WORKDIRS = flags.DEFINE_list('workdirs', [], 'Trained workdirs.')
-_SPLIT = flags.DEFINE_string('split', 'test', 'validation or test.')
+_SPLIT = flags.DEFINE_enum(
+  'split', 'test', ['validation', 'test'], 'The split to score.'
+)
 _BEAMS = flags.DEFINE_list('beams', ['1', '4'], 'Beam sizes (1 = greedy).')
 _ALPHA = flags.DEFINE_float('alpha', 0.6, 'Length penalty of beam search.')
 _INPUTS = flags.DEFINE_multi_string('input', [], 'Sentences to translate.')
-_SHOW = flags.DEFINE_integer('show', 0, 'Example translations per model.')
-_NUM = flags.DEFINE_integer('num_examples', 0, 'First N sentences (0: all).')
+_SHOW = flags.DEFINE_integer(
+  'show', 0, 'Example translations per model.', lower_bound=0
+)
+_NUM = flags.DEFINE_integer(
+  'num_examples', 0, 'First N sentences (0: all).', lower_bound=0
+)
+
+
+def _valid_beams(values: list[str]) -> bool:
+  try:
+    return bool(values) and all(int(b) >= 1 for b in values)
+  except ValueError:
+    return False
+
+
+flags.register_validator(
+  'beams', _valid_beams, 'give integers >= 1 (1 = greedy), e.g. --beams=1,4.'
+)
+flags.register_validator(
+  'alpha',
+  lambda alpha: math.isfinite(alpha) and alpha >= 0,
+  'give a finite number >= 0 (0 turns the length penalty off).',
+)
+
+
+def _check_workdirs(workdirs: list[pathlib.Path]) -> None:
+  """Refuses, before decoding anything, a workdir that is not a trained
+  translation run."""
+  for workdir in workdirs:
+    try:
+      task = train_lib.load_config(workdir).data.task
+    except (FileNotFoundError, ValueError) as e:
+      raise app.UsageError(f'--workdirs: {e}') from None
+    if task not in parallel.TASKS:
+      raise app.UsageError(
+        f'--workdirs: {workdir} trained the {task} task; this script scores '
+        f'translation runs ({", ".join(parallel.TASKS)}).'
+      )
 
 
 def _training_time(workdir: pathlib.Path) -> tuple[int, float]:
@@ -53,10 +93,15 @@ def main(argv):
   checkpoints.quiet_orbax_logs()
   if not _WORKDIRS.value:
     raise app.UsageError('give --workdirs=DIR[,DIR...]')
+  workdirs = [pathlib.Path(w) for w in _WORKDIRS.value]
+  _check_workdirs(workdirs)
   beams = [int(b) for b in _BEAMS.value]
   rows, examples = [], []
-  for workdir in map(pathlib.Path, _WORKDIRS.value):
-    exp, params = train_lib.load_trained(workdir)
+  for workdir in workdirs:
+    try:
+      exp, params = train_lib.load_trained(workdir)
+    except FileNotFoundError as e:  # No checkpoint yet.
+      raise app.UsageError(f'--workdirs: {e}') from None
     steps, seconds = _training_time(workdir)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     for beam in beams:
