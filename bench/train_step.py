@@ -55,10 +55,8 @@ def _time_steps(step_fn, state, batches, rng, steps):
   return state, time.perf_counter() - start
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='attnjax-bench-')
+def _bench(config, workdir: str) -> None:
+  """Times both steps of `config` and prints the table."""
   exp = train_lib.Experiment.create(config, workdir)
   iterator = exp.train_iterator()
   local = [next(iterator) for _ in range(_BATCHES)]
@@ -133,6 +131,15 @@ def main(argv):
       times['plain jit']
     )
     print(f'\nsharded / plain time: {ratio:.3f}')
+
+
+def main(argv):
+  del argv
+  if _WORKDIR.value:
+    _bench(_CONFIG.value, _WORKDIR.value)
+    return
+  with tempfile.TemporaryDirectory(prefix='attnjax-bench-') as workdir:
+    _bench(_CONFIG.value, workdir)
 
 
 if __name__ == '__main__':
