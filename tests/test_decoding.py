@@ -445,3 +445,36 @@ def test_bad_state_and_step_outputs_are_named():
       max_len=3,
       attention_fn=lambda s: jnp.zeros(3),
     )
+
+
+@pytest.mark.parametrize('alpha', [0.0, 1.0])
+def test_one_row_and_one_step(alpha):
+  """batch_size 1 and max_len 1: the n-best are every one-token sequence
+  (EOS ended, the others truncated) in enumeration order, greedy is the
+  first of them, and each search steps once."""
+  model = ToyModel(seed=11, rows=1, max_len=1, vocab=6)
+  result = search(model, beam_size=4, num_return=4, alpha=alpha)
+  assert len(STEP_CALLS) == 1
+  assert_matches(result, [enumerate_nbest(model, 0, 4, alpha=alpha)], 1)
+  np.testing.assert_array_equal(result.lengths, 1)
+  greedy = search(model, decoding.greedy_search)
+  assert len(STEP_CALLS) == 1
+  best = int(np.argmax(model.next_log_probs(0, ())))
+  np.testing.assert_array_equal(greedy.tokens, [[best]])
+  np.testing.assert_array_equal(greedy.lengths, [1])
+
+
+def test_every_row_ending_at_the_first_step_stops_both_searches():
+  """EOS is every row's most probable first token by far: greedy stops
+  after one step with EOS then PAD; beam search with alpha = 0 keeps EOS
+  first and stops once no live hypothesis can beat the full pool."""
+  model = ToyModel(seed=12, rows=3, max_len=6, vocab=6, eos_bias=30.0)
+  greedy = search(model, decoding.greedy_search)
+  assert len(STEP_CALLS) == 1
+  np.testing.assert_array_equal(greedy.tokens[:, 0], EOS_ID)
+  np.testing.assert_array_equal(greedy.tokens[:, 1:], PAD_ID)
+  np.testing.assert_array_equal(greedy.lengths, 1)
+  beam = search(model, beam_size=2, num_return=1)
+  assert len(STEP_CALLS) == 1
+  np.testing.assert_array_equal(beam.tokens[:, 0], greedy.tokens)
+  np.testing.assert_allclose(beam.scores[:, 0], greedy.scores, rtol=1e-6)
