@@ -941,3 +941,41 @@ def test_rnn_decoders_without_attention_match_the_papers_equations(
       x = maxout.reshape(B, -1, 2).max(-1)
     expected.append(x @ d['output_proj']['kernel'] + d['output_proj']['bias'])
   np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  'cell, decoder, bidirectional',
+  [('lstm', 'cho', False), ('gru', 'bahdanau', True), ('lstm', 'luong', False)],
+)
+def test_bfloat16_computation(cell, decoder, bidirectional):
+  """dtype=bfloat16 computes in bfloat16 with float32 parameters and
+  carries: float32 logits near the float32 model's, with the same
+  parameters, and steps that match teacher forcing to bfloat16 rounding."""
+  model = _model(cell, decoder, bidirectional, dtype=jnp.bfloat16)
+  variables = _init(model, scale=0.3)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
+  inputs, targets, lengths = _batch()
+  reference = _model(cell, decoder, bidirectional)
+
+  def run(variables):
+    logits = model.apply(variables, inputs, targets, train=False)
+    expected = reference.apply(variables, inputs, targets, train=False)
+    _, state = _encode_and_start(model, variables, inputs, lengths)
+    previous = jnp.concatenate([jnp.full((B, 1), BOS), targets[:, :-1]], 1)
+    steps = []
+    for t in range(T):
+      step_logits, state = model.apply(
+        variables, previous[:, t], state, method='decode_step'
+      )
+      steps.append(step_logits)
+    return logits, expected, jnp.stack(steps, 1), state
+
+  logits, expected, steps, state = jit(run)(variables)
+  assert logits.dtype == steps.dtype == jnp.float32
+  for carry in state['carries']:
+    for part in seq2seq.carry_parts(model.config, carry):
+      assert part.dtype == jnp.float32
+  np.testing.assert_allclose(logits, expected, atol=0.05)
+  # Not float32 under another name.
+  assert not np.array_equal(logits, expected)
+  np.testing.assert_allclose(steps, logits, atol=0.02)
