@@ -1008,6 +1008,10 @@ def test_local_p_weights():
 
   centers, (context, weights) = run(q, k, v, lengths)
   assert centers.shape == (B, 6)
+  # p_t = S sigmoid(v_p^T tanh(W_p h_t)), S the last valid position.
+  energy = np.tanh(_f64(q) @ _f64(w_p)) @ _f64(v_p)
+  expected_centers = (lengths - 1)[:, None] / (1 + np.exp(-energy))
+  np.testing.assert_allclose(centers, expected_centers, atol=1e-5)
   c = _f64(centers)[..., None]
   s = np.arange(12)
   window = (np.abs(s - c) <= width) & _padding_mask(lengths, 12)
