@@ -763,11 +763,14 @@ def test_attention_weights_are_alignments(
 # The attention decoders' equations, against numpy.
 
 
+def _sigmoid(a):
+  return 1 / (1 + np.exp(-a))
+
+
 def _np_gru(p, x, h):
   """The GRU of Cho et al. 2014 with flax's parameter names."""
-  sigmoid = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
-  r = sigmoid(x @ p['ir']['kernel'] + p['ir']['bias'] + h @ p['hr']['kernel'])
-  z = sigmoid(x @ p['iz']['kernel'] + p['iz']['bias'] + h @ p['hz']['kernel'])
+  r = _sigmoid(x @ p['ir']['kernel'] + p['ir']['bias'] + h @ p['hr']['kernel'])
+  z = _sigmoid(x @ p['iz']['kernel'] + p['iz']['bias'] + h @ p['hz']['kernel'])
   n = np.tanh(
     x @ p['in']['kernel']
     + p['in']['bias']
@@ -839,16 +842,14 @@ def test_decoder_steps_match_the_papers_equations(decoder):
 
 def _np_lstm(p, x, carry):
   """flax's LSTM (i, f, g, o gates; biases on the recurrent side)."""
-  sigmoid = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
   c, h = carry
-  gate = lambda g: (
-    x @ p[f'i{g}']['kernel']
-    + h @ p[f'h{g}']['kernel']
-    + p[  # noqa: E731
-      f'h{g}'
-    ]['bias']
-  )
-  i, f, o = sigmoid(gate('i')), sigmoid(gate('f')), sigmoid(gate('o'))
+
+  def gate(g):
+    return (
+      x @ p[f'i{g}']['kernel'] + h @ p[f'h{g}']['kernel'] + p[f'h{g}']['bias']
+    )
+
+  i, f, o = _sigmoid(gate('i')), _sigmoid(gate('f')), _sigmoid(gate('o'))
   c = f * c + i * np.tanh(gate('g'))
   return c, o * np.tanh(c)
 
