@@ -168,7 +168,8 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     '--alpha',
     type=float,
     default=0.0,
-    help='length penalty ((5 + len) / 6) ** alpha; 0 turns it off',
+    help='length penalty ((5 + len) / 6) ** alpha of beam search '
+    '(--beam_size > 1); 0 turns it off',
   )
 
 

@@ -414,6 +414,13 @@ def check_search(beam_size: int, alpha: float) -> None:
       f'{beam_size!r}.'
     )
   _check_alpha(alpha)
+  if beam_size == 1 and alpha:
+    # Greedy search keeps one hypothesis, so there is nothing to rank.
+    raise ValueError(
+      f'alpha={alpha} would be ignored: the length penalty ranks beam-search '
+      'hypotheses, and beam_size=1 is greedy search. Give beam_size > 1, or '
+      'alpha=0.'
+    )
 
 
 def special_ids(model) -> dict[str, int]:

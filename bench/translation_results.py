@@ -131,8 +131,9 @@ def main(argv):
       examples += [(workdir.name, beam, *e) for e in result.get('examples', [])]
     if _INPUTS.value:
       beam = max(beams)
+      alpha = _ALPHA.value if beam > 1 else 0.0
       outputs = train_lib.decode(
-        exp, params, _INPUTS.value, beam_size=beam, alpha=_ALPHA.value
+        exp, params, _INPUTS.value, beam_size=beam, alpha=alpha
       )
       for source, output in zip(_INPUTS.value, outputs, strict=True):
         print(f'{workdir.name} (beam {beam}): {source} -> {output}')

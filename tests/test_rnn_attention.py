@@ -387,6 +387,7 @@ def test_location_score_refuses_longer_sources_when_traced():
     (dict(beam_size=1.5), 'beam_size must be an integer >= 1'),
     (dict(alpha=-0.5), 'alpha, the GNMT length-penalty exponent, must be a'),
     (dict(alpha=float('nan')), 'must be a finite number >= 0 .*got nan'),
+    (dict(beam_size=1, alpha=0.6), 'alpha=0.6 would be ignored.*greedy'),
   ],
 )
 def test_bad_search_settings(kwargs, message):

@@ -857,7 +857,7 @@ def test_cli_beam_search(trained, capsys):
   ]
   assert cli.main(base) == 0
   greedy = capsys.readouterr().out
-  assert cli.main([*base, '--beam_size', '1', '--alpha', '0.6']) == 0
+  assert cli.main([*base, '--beam_size', '1']) == 0
   assert capsys.readouterr().out == greedy  # beam 1 is greedy
   assert cli.main([*base, '--beam_size', '4', '--alpha', '0.6']) == 0
   assert len(capsys.readouterr().out.strip().splitlines()) == 2
@@ -885,6 +885,8 @@ def test_cli_beam_search(trained, capsys):
     (['--beam_size', '0'], 'beam_size must be'),
     (['--alpha', '-1'], 'alpha.* must be a finite number >= 0'),
     (['--alpha', 'nan'], 'alpha.* must be a finite number >= 0 .*got nan'),
+    # Greedy search has nothing for a length penalty to rank.
+    (['--alpha', '0.6'], 'alpha=0.6 would be ignored.*beam_size > 1'),
   ],
 )
 def test_cli_bad_search_flags(trained, capsys, flags, message):
