@@ -75,7 +75,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 def get_string_task_config(
   task: str, variant: str
 ) -> ml_collections.ConfigDict:
-  """`copy` or `reverse` of strings of length 20-30 over a-z."""
+  """`copy`, `reverse` or `sort` of strings of length 20-30 over a-z."""
   name, tiny = parse_variant(variant)
   config = get_base_config()
   config.data.task = task  # attnjax.data.synthetic task name.

@@ -18,7 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import base  # noqa: E402
 
-TASKS = ('addition', 'reverse', 'copy')
+TASKS = ('addition', 'reverse', 'copy', 'sort')
 
 
 @pytest.mark.parametrize('size', ['', 'tiny'])
