@@ -131,16 +131,15 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     train_losses(tmp_path / 'resumed'),
   )
   assert sorted(resumed) == list(range(1, 17))  # no step logged twice
-  # Same losses step by step: the resumed run saw the same batches.
-  np.testing.assert_allclose(
-    [resumed[s] for s in range(9, 17)],
-    [straight[s] for s in range(9, 17)],
-    atol=1e-6,
-  )
+  # Same losses step by step: the resumed run saw the same batches. Bit for
+  # bit: the same programs on the same inputs and state, on one CPU host.
+  assert [resumed[s] for s in range(9, 17)] == [
+    straight[s] for s in range(9, 17)
+  ]
   assert_trees_close(
     final_params(tmp_path / 'resumed'),
     final_params(tmp_path / 'straight'),
-    atol=1e-6,
+    atol=0,
   )
 
 

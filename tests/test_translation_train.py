@@ -277,6 +277,21 @@ def test_epochs_are_shuffled_differently_and_reproducibly(task):
   )
 
 
+def test_the_data_seed_picks_the_shuffle(task, tfds_dir):
+  reseeded = make_task(tfds_dir, task.vocab_dir, seed=1)
+  first, other = (batches(t, 4, global_batch_size=8) for t in (task, reseeded))
+  assert any(
+    a['inputs'].shape != b['inputs'].shape
+    or not np.array_equal(a['inputs'], b['inputs'])
+    for a, b in zip(first, other, strict=True)
+  )
+  again = batches(
+    make_task(tfds_dir, task.vocab_dir, seed=1), 4, global_batch_size=8
+  )
+  for a, b in zip(other, again, strict=True):
+    np.testing.assert_array_equal(a['inputs'], b['inputs'])
+
+
 def test_processes_split_each_global_batch(task):
   whole = batches(task, 5, global_batch_size=8)
   halves = [
@@ -576,7 +591,7 @@ def test_resume_equals_uninterrupted_run(tfds_dir, tmp_path):
     jax.tree.leaves(runs['resumed']),
     strict=True,
   ):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(a, b)  # Bit for bit.
 
 
 def test_vocab_not_of_the_checkpoint_is_refused(
