@@ -270,6 +270,28 @@ def test_metrics_line_cut_short_does_not_stop_a_resume(tmp_path):
   assert (tmp_path / 'metrics.jsonl').read_text() == lines[0] + '\n'
 
 
+def test_progress_rates_and_eta(monkeypatch):
+  from attnjax.training import metrics
+
+  clock = iter([100.0, 102.0, 106.0])
+  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
+  progress = metrics.Progress(10, 110)
+  # 10 steps and 500 target tokens in 2 s; 90 steps to go.
+  assert progress.report(20, 500.0) == {
+    'steps_per_s': 5.0,
+    'tokens_per_s': 250.0,
+    'eta_s': 18.0,
+  }
+  # Rates since the previous report: 20 steps in 4 s.
+  assert progress.report(40, 400.0) == {
+    'steps_per_s': 5.0,
+    'tokens_per_s': 100.0,
+    'eta_s': 14.0,
+  }
+  assert metrics.format_eta(3725) == '1:02:05'
+  assert metrics.format_eta(65.4) == '1:05'
+
+
 def _train_command(workdir, *flags):
   return [
     sys.executable,
