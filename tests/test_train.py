@@ -113,6 +113,47 @@ def test_one_device_equals_eight_devices(tmp_path):
     )
 
 
+def test_metrics_are_fetched_one_step_late(tmp_path, monkeypatch):
+  """Step k's metrics are read after step k + 1 is dispatched, so the
+  device never waits for the host; at a checkpoint they are read first."""
+  events = []
+  make_train_step, add = train_lib.make_train_step, train_lib._TrainLog.add
+
+  def recorded_make_train_step(exp):
+    step_fn = make_train_step(exp)
+
+    def run(state, batch, rng):
+      events.append('step')
+      return step_fn(state, batch, rng)
+
+    return run
+
+  def recorded_add(self, step, sums):
+    events.append(f'read {step}')
+    return add(self, step, sums)
+
+  monkeypatch.setattr(train_lib, 'make_train_step', recorded_make_train_step)
+  monkeypatch.setattr(train_lib._TrainLog, 'add', recorded_add)
+  config = tiny_config(
+    num_train_steps=6, checkpoint_every_steps=6, eval_every_steps=6
+  )
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert events == [
+    'step',
+    'step',
+    'read 1',
+    'step',
+    'read 2',
+    'step',
+    'read 3',
+    'step',
+    'read 4',
+    'step',
+    'read 5',
+    'read 6',
+  ]
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
   common = dict(
     log_every_steps=1, checkpoint_every_steps=4, eval_every_steps=100
