@@ -5,6 +5,7 @@ Uses the Multi30k copy in `../shared/data` (skipped without it) and tiny
 configs.
 """
 
+import importlib
 import json
 import os
 import pathlib
@@ -628,6 +629,29 @@ def test_vocab_not_of_the_checkpoint_is_refused(
   (copy / 'vocab' / 'joint.model').unlink()
   with pytest.raises(FileNotFoundError, match='copy them back'):
     train_lib.load_trained(copy)
+
+
+@pytest.mark.parametrize(
+  'name, folder',
+  [
+    ('anki_fra_transformer', 'anki_fra_eng'),
+    ('anki_cmn_transformer', 'anki_cmn_eng/attrib_version'),
+  ],
+)
+def test_tiny_anki_configs_train_their_vocabularies(
+  tfds_dir, tmp_path, name, folder
+):
+  """The tests' variants must run: the Chinese one needs room for its
+  ~1,500 characters."""
+  source_dir = MULTI30K.parent / folder
+  if not source_dir.is_dir():
+    pytest.skip(f'no Anki copy at {source_dir}')
+  config = importlib.import_module(f'configs.{name}').get_config('tiny')
+  config.data.tfds_dir = tfds_dir
+  config.data.source_dir = str(source_dir)
+  task = parallel.TranslationTask.create(config.data, tmp_path)
+  assert task.source_vocab.size == config.data.vocab_size
+  assert task.train_dataset(global_batch_size=config.batch_size)
 
 
 def test_bahdanau_trains_on_translation(tfds_dir, tmp_path):
