@@ -48,6 +48,7 @@ _IDENTITY_FIELDS = (
   'data.min_len',
   'data.max_len',
   'data.reverse',
+  'data.languages',
   'data.train_split',
   'data.joint_vocab',
   'data.vocab_size',
@@ -211,6 +212,9 @@ def _changed_fields(config: ml_collections.ConfigDict, workdir) -> list[str]:
   for key, default in _model_defaults(saved).items():
     if key in current and key not in saved:
       saved[key] = default
+  # Likewise config.data.languages, added since (only parallel_text sets it).
+  if 'data.languages' in current and 'data.languages' not in saved:
+    saved['data.languages'] = []
   return [
     f'{key}: {saved.get(key)!r} -> {current.get(key)!r}'
     for key in sorted(set(saved) | set(current))

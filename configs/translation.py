@@ -1,4 +1,5 @@
-"""Fields shared by the translation configs (multi30k_*.py, anki_*.py).
+"""Fields shared by the translation configs (multi30k_*.py, anki_*.py,
+text_transformer.py).
 
 `get_config(task, model)` starts from `base.get_base_config()` (optimiser,
 loop, mesh), replaces `config.data` with the translation data fields and
@@ -13,9 +14,11 @@ from configs import base
 
 def data_config(task: str) -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
-  data.task = task  # multi30k (de->en), anki_fra (en->fr), anki_cmn (en->zh).
+  # multi30k (de->en), anki_fra (en->fr), anki_cmn (en->zh), parallel_text.
+  data.task = task
   data.reverse = False  # Translate the other way.
   data.source_dir = ''  # Raw files ('' = $ATTNJAX_DATA_DIR, or download).
+  data.languages = ()  # parallel_text only: (source, target), e.g. de,en.
   data.tfds_dir = ''  # Where TFDS writes prepared splits ('' = its default).
   data.train_split = 'train'  # TFDS split expression, e.g. 'train[:2000]'.
   data.vocab_size = 8000  # SentencePiece ids per vocabulary (4 special).

@@ -3,7 +3,8 @@ Grain training pipeline, held-out sets and BLEU.
 
 `TranslationTask.create(data_config, workdir)` reads the training split of a
 dataset of `attnjax.data.translation` (multi30k de->en, anki en->fr, anki
-en->zh), trains SentencePiece vocabularies on it the first time (joint or
+en->zh, or your own corpus: parallel_text, `languages[0] -> languages[1]`),
+trains SentencePiece vocabularies on it the first time (joint or
 one per language) and saves them in `workdir/vocab/`; a later run, and every
 reuse of the workdir, loads them from there.
 
@@ -34,6 +35,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +53,11 @@ TASKS = {
   'multi30k': ('multi30k', {'validation': 'validation', 'test': 'test_2016'}),
   'anki_fra': ('anki/fra-eng', {'validation': 'validation', 'test': 'test'}),
   'anki_cmn': ('anki/cmn-eng', {'validation': 'validation', 'test': 'test'}),
+  # Your own corpus; config.data.languages names its files.
+  'parallel_text': (
+    'parallel_text',
+    {'validation': 'validation', 'test': 'test'},
+  ),
 }
 LONG_INPUT = ('error', 'truncate')
 VOCAB_DIR = 'vocab'
@@ -101,7 +108,12 @@ class TranslationData:
     task: a name in `TASKS`.
     reverse: translate the other way (multi30k en->de, anki fr->en, ...).
     source_dir: folder with the raw files ('' = `$ATTNJAX_DATA_DIR`, and for
-      multi30k a download when that is unset too).
+      multi30k a download when that is unset too; parallel_text requires
+      it).
+    languages: for parallel_text (and only there), the (source, target)
+      language codes, which name its files: ('de', 'en') reads train.de,
+      train.en, ... A single 'de,en' string (as `--config.data.languages=
+      de,en` gives) is split by `from_config`.
     tfds_dir: where TFDS writes the prepared splits ('' = TFDS's default).
     train_split: a TFDS split expression, e.g. 'train' or 'train[:2000]'.
     vocab_size: ids per SentencePiece vocabulary, special ids included.
@@ -128,6 +140,7 @@ class TranslationData:
   task: str
   reverse: bool = False
   source_dir: str = ''
+  languages: tuple[str, ...] = ()
   tfds_dir: str = ''
   train_split: str = 'train'
   vocab_size: int = 8000
@@ -153,6 +166,27 @@ class TranslationData:
         )
 
     need(self.task in TASKS, 'task', f'one of {", ".join(TASKS)}')
+    if self.task == 'parallel_text':
+      need(
+        translation_lib.valid_languages(self.languages),
+        'languages',
+        "two different language codes for task parallel_text, e.g. ('de', "
+        "'en') or --config.data.languages=de,en (letters, digits, '-' or "
+        "'_'; they name the files train.de, train.en, ...)",
+      )
+      layout = translation_lib.parallel_text_layout(self.languages)
+      need(
+        bool(self.source_dir),
+        'source_dir',
+        f'the folder of your corpus for task parallel_text, holding {layout}',
+      )
+    else:
+      need(
+        self.languages == (),
+        'languages',
+        f'() for task {self.task}, whose languages are fixed (only '
+        'parallel_text takes languages; reverse translates the other way)',
+      )
     for field in ('max_source_len', 'max_target_len', 'heldout_size'):
       need(_is_int(getattr(self, field), 1), field, 'an integer >= 1')
     need(_is_int(self.seed, 0), 'seed', 'an integer >= 0')
@@ -194,11 +228,28 @@ class TranslationData:
       )
     if 'buckets' in values:
       values['buckets'] = tuple(values['buckets'])
+    if 'languages' in values:
+      values['languages'] = _split_codes(values['languages'])
     return cls(**values)
 
   @property
   def max_len(self) -> int:
     return max(self.max_source_len, self.max_target_len)
+
+
+def _split_codes(languages: Any) -> Any:
+  """('de', 'en') from 'de,en' or ('de,en',): ml_collections reads
+  `--config.data.languages=de,en` as one string in a tuple. Anything else
+  passes through as a tuple, for `TranslationData` to check."""
+  if isinstance(languages, str):
+    languages = (languages,)
+  if not isinstance(languages, Sequence) or not all(
+    isinstance(code, str) for code in languages
+  ):
+    return languages
+  return tuple(
+    code.strip() for item in languages for code in item.split(',') if item
+  )
 
 
 def _is_int(value: Any, minimum: int) -> bool:
@@ -207,6 +258,21 @@ def _is_int(value: Any, minimum: int) -> bool:
     and not isinstance(value, bool)
     and value >= minimum
   )
+
+
+def target_language(data: TranslationData) -> str:
+  """The target's language code ('en', 'zh', ...), which picks the BLEU
+  tokeniser."""
+  if data.task == 'parallel_text':
+    return data.languages[0 if data.reverse else 1]
+  dataset = TASKS[data.task][0]
+  return translation_lib.directions(dataset, data.reverse)[1]
+
+
+def _is_chinese(code: str) -> bool:
+  """'zh', 'zh-Hans', 'zh_TW', 'cmn': text without spaces between words,
+  which 13a would score as one token per sentence."""
+  return re.split('[-_]', code, maxsplit=1)[0].lower() in ('zh', 'cmn')
 
 
 def bleu(
@@ -249,9 +315,7 @@ class TranslationTask:
     self.data = data
     self.name = data.task
     self.dataset, self.splits = TASKS[data.task]
-    self._target_lang = translation_lib.directions(self.dataset, data.reverse)[
-      1
-    ]
+    self._target_lang = target_language(data)
     self.max_source_len = data.max_source_len
     self.max_target_len = data.max_target_len
     self.vocab_dir = pathlib.Path(vocab_dir)
@@ -280,6 +344,8 @@ class TranslationTask:
     kwargs = {'on_bad_utf8': self.data.on_bad_utf8}
     if self.dataset.startswith('anki'):
       kwargs['on_bad_line'] = self.data.on_bad_line
+    if self.dataset == 'parallel_text':
+      kwargs['languages'] = self.data.languages
     if self.data.source_dir:
       kwargs['source_dir'] = self.data.source_dir
     return translation_lib.load_pairs(
@@ -343,7 +409,10 @@ class TranslationTask:
     ]
     if not self.data.joint_vocab:  # Which language is 'source.model'.
       fields.append('reverse')
-    return {field: getattr(self.data, field) for field in fields}
+    params = {field: getattr(self.data, field) for field in fields}
+    if self.data.task == 'parallel_text':  # As JSON reads it back.
+      params['languages'] = list(self.data.languages)
+    return params
 
   def _check_reused_vocabs(self, vocabs: dict[str, Any], train: bool) -> None:
     """Vocabularies already in the workdir are reused as they are: their
@@ -502,7 +571,7 @@ class TranslationTask:
     self, predictions: Sequence[str], references: Sequence[str]
   ) -> dict[str, float]:
     """Corpus BLEU of `predictions` against one reference each."""
-    return bleu(predictions, references, chinese=self._target_lang == 'zh')
+    return bleu(predictions, references, chinese=_is_chinese(self._target_lang))
 
   # The training stream.
 

@@ -1,4 +1,5 @@
-"""TFDS builders for parallel text: `multi30k` and `anki` (no TensorFlow).
+"""TFDS builders for parallel text: `multi30k`, `anki` and `parallel_text`
+(no TensorFlow).
 
 Both builders write array_record files, so the splits are read back with
 random access through the builder's `as_data_source` (see `load_pairs`),
@@ -22,6 +23,13 @@ which is what the Grain pipeline wants.
   layout of `../shared/data` (`anki_fra_eng/fra.txt`,
   `anki_cmn_eng/attrib_version/cmn.txt`). ManyThings.org refuses scripted
   downloads, so nothing is downloaded.
+- `parallel_text`: your own corpus in the Moses / fairseq layout, from the
+  folder `source_dir` only: for `languages=('de', 'en')`, `train.de` /
+  `train.en`, `validation.de` / `validation.en` and, optionally,
+  `test.de` / `test.en` (only the splits present are generated), each file
+  plain or gzipped (`train.de.gz`). Line i of one language translates line
+  i of the other. Features `{'source': languages[0], 'target':
+  languages[1]}`, in file order.
 
 Text is normalised the same way everywhere: a UTF-8 BOM, zero-width
 spaces, word joiners and soft hyphens (U+FEFF, U+200B, U+2060, U+00AD) are
@@ -33,13 +41,14 @@ and the ends are stripped.
 Bad input raises `TranslationDataError`, naming the file and the fix. Lines
 that are not UTF-8 (`on_bad_utf8`) and anki lines without 2 or 3 columns
 (`on_bad_line`) raise by default, or are skipped with a logged count when
-the option is `'skip'`. A skipped multi30k line drops the pair, on both
-sides.
+the option is `'skip'`. A skipped multi30k or parallel_text line drops the
+pair, on both sides.
 
 TFDS prepares a dataset once per `data_dir` and reuses it. Each build
 records the SHA-256 of the source files it read and its `on_bad_*`
-options; `load_pairs` refuses a prepared dataset whose record differs from
-the files and options it is given now (a new release of `fra.txt` in
+options (for parallel_text, its languages too); `load_pairs` refuses a
+prepared dataset whose record differs from the files and options it is
+given now (a new release of `fra.txt` in
 `source_dir`, say), instead of silently serving the old text.
 """
 
@@ -48,6 +57,7 @@ import gzip
 import hashlib
 import logging
 import os
+import re
 import unicodedata
 import zlib
 from collections.abc import Iterator, Sequence
@@ -74,6 +84,11 @@ MULTI30K_FILES = tuple(
 # Percent of English sentences (by hash bucket) in each anki split.
 ANKI_SPLIT_PERCENT = {'train': 90, 'validation': 5, 'test': 5}
 ANKI_URL = 'https://www.manythings.org/anki/'
+# The splits of `parallel_text`, each read from `{split}.{lang}[.gz]`.
+PARALLEL_TEXT_SPLITS = ('train', 'validation', 'test')
+PARALLEL_TEXT_REQUIRED = ('train', 'validation')
+# A language code as it appears in file names: 'de', 'zh-Hans', 'pt_BR'.
+_LANGUAGE_CODE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]{0,15}')
 
 OnBad = Literal['error', 'skip']
 
@@ -131,16 +146,19 @@ def _decode_lines(
   return out
 
 
-def _read_gzip(path: str, name: str) -> bytes:
-  """The contents of the gzipped file `path`, Multi30k's file `name`."""
+def _read_gzip(path: str, fix: str) -> bytes:
+  """The contents of the gzipped file `path`; `fix` ends the error."""
   try:
     with open(path, 'rb') as f:
       return gzip.decompress(f.read())
   except (gzip.BadGzipFile, EOFError, zlib.error) as e:
     raise TranslationDataError(
-      f'{path} is not a valid gzip file ({e}). Delete it and download it '
-      f'again from {MULTI30K_URL}{name}'
+      f'{path} is not a valid gzip file ({e}). {fix}'
     ) from None
+
+
+def _multi30k_fix(name: str) -> str:
+  return f'Delete it and download it again from {MULTI30K_URL}{name}'
 
 
 def _source_record(paths: dict[str, str], options: dict[str, str]) -> dict:
@@ -270,8 +288,8 @@ class Multi30k(_Builder):
     """The pairs of `{stem}.de.gz` / `{stem}.en.gz` (at `paths[name]`)."""
     de_name, en_name = f'{stem}.de.gz', f'{stem}.en.gz'
     de_path, en_path = paths[de_name], paths[en_name]
-    de_lines = _split_lines(_read_gzip(de_path, de_name))
-    en_lines = _split_lines(_read_gzip(en_path, en_name))
+    de_lines = _split_lines(_read_gzip(de_path, _multi30k_fix(de_name)))
+    en_lines = _split_lines(_read_gzip(en_path, _multi30k_fix(en_name)))
     if len(de_lines) != len(en_lines):
       raise TranslationDataError(
         f'{de_path} has {len(de_lines)} lines but {en_path} has '
@@ -521,11 +539,229 @@ def read_anki_pairs(
   return pairs
 
 
+class ParallelText(_Builder):
+  """Your own corpus: `{split}.{lang}` line-aligned files in one folder.
+
+  The Moses / fairseq layout: for `languages=('de', 'en')`, `train.de` and
+  `train.en` (line i of one translates line i of the other), the same for
+  `validation` and, if there is one, `test`; each file may be gzipped as
+  `train.de.gz`. Features `{'source', 'target'}` (languages[0] and
+  languages[1]), in file order, so that one builder serves every pair.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+
+  def __init__(
+    self,
+    *,
+    languages: Sequence[str] = (),
+    source_dir: str | os.PathLike | None = None,
+    on_bad_utf8: OnBad = 'error',
+    file_format: str = 'array_record',
+    **kwargs,
+  ):
+    """`languages`: the (source, target) codes, which name the files;
+    `source_dir`: the folder holding them (required: nothing downloads)."""
+    _check_on_bad('on_bad_utf8', on_bad_utf8)
+    if not valid_languages(languages):
+      raise ValueError(
+        f'parallel_text: languages={languages!r} must be two different '
+        "language codes such as ('de', 'en') (letters, digits, '-' or '_'; "
+        'they name the files train.de, train.en, ...).'
+      )
+    self.languages = tuple(languages)
+    self.source_dir = os.fspath(source_dir) if source_dir else None
+    self.on_bad_utf8 = on_bad_utf8
+    super().__init__(file_format=file_format, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+      features=tfds.features.FeaturesDict(
+        {'source': tfds.features.Text(), 'target': tfds.features.Text()}
+      ),
+      supervised_keys=('source', 'target'),
+      disable_shuffling=True,  # Keep file order: line i is example i.
+      metadata=tfds.core.MetadataDict(),
+    )
+
+  def _options(self) -> dict[str, str]:
+    # The languages are what `source` and `target` hold.
+    return {**super()._options(), 'languages': ','.join(self.languages)}
+
+  def _local_sources(self) -> dict[str, str]:
+    return _parallel_text_files(self.source_dir, self.languages)
+
+  def check_sources(self) -> None:
+    """As `_Builder.check_sources`; other languages are refused even when
+    the files of the build are gone (their text would be served under the
+    new languages' names)."""
+    saved = (self.info.metadata or {}).get('sources')
+    built = saved and saved['options'].get('languages')
+    if built and built != ','.join(self.languages):
+      swapped = built == ','.join(reversed(self.languages))
+      raise TranslationDataError(
+        f'the prepared dataset in {self.data_dir} holds languages {built}, '
+        f'not {",".join(self.languages)}. TFDS would serve the old build: '
+        'delete that folder to rebuild it, or set config.data.tfds_dir to '
+        'another folder.'
+        + (
+          f' To translate the other way, keep languages={built} and set '
+          'config.data.reverse=True.'
+          if swapped
+          else ''
+        )
+      )
+    super().check_sources()
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Local files only.
+    paths = _parallel_text_files(self.source_dir, self.languages)
+    self._record_sources(paths)
+    return {
+      split: self._generate_examples(split, paths)
+      for split in PARALLEL_TEXT_SPLITS
+      if _split_names(split, self.languages, paths)
+    }
+
+  def _generate_examples(self, split: str, paths: dict[str, str]):
+    """The pairs of `{split}.{source}` / `{split}.{target}`."""
+    names = _split_names(split, self.languages, paths)
+    src_path, tgt_path = (paths[name] for name in names)
+    sides = []
+    for name, path in zip(names, (src_path, tgt_path), strict=True):
+      if name.endswith('.gz'):
+        fix = (
+          f'Compress {name.removesuffix(".gz")} again, or put the plain '
+          'text file in its place.'
+        )
+        data = _read_gzip(path, fix)
+      else:
+        with open(path, 'rb') as f:
+          data = f.read()
+      sides.append(_split_lines(data))
+    src_lines, tgt_lines = sides
+    if len(src_lines) != len(tgt_lines):
+      raise TranslationDataError(
+        f'{src_path} has {len(src_lines)} lines but {tgt_path} has '
+        f'{len(tgt_lines)}; line i of one must translate line i of the '
+        'other. Fix the shorter one (a sentence split over two lines, or a '
+        'line dropped?), or remove the pairs the files disagree on.'
+      )
+    src = _decode_lines(src_path, src_lines, self.on_bad_utf8)
+    tgt = _decode_lines(tgt_path, tgt_lines, self.on_bad_utf8)
+    skipped = 0
+    for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
+      if s is None or t is None:
+        skipped += 1
+        continue
+      yield i, {'source': normalize_text(s), 'target': normalize_text(t)}
+    if skipped == len(src):  # tfds would fail with no word of which file.
+      what = f'all {skipped} lines are not UTF-8' if skipped else 'empty'
+      raise TranslationDataError(
+        f'{src_path} / {tgt_path} hold no sentence pairs ({what}). Every '
+        'split of the corpus needs at least one pair.'
+      )
+    if skipped:
+      _log.warning(
+        'Skipped %d line pairs that are not valid UTF-8 in %s / %s.',
+        skipped,
+        src_path,
+        tgt_path,
+      )
+
+
+def valid_languages(languages: Sequence[str]) -> bool:
+  """Whether `languages` are two different codes fit for file names."""
+  return (
+    isinstance(languages, Sequence)
+    and not isinstance(languages, str)
+    and len(languages) == 2
+    and all(isinstance(code, str) for code in languages)
+    and all(_LANGUAGE_CODE.fullmatch(code) for code in languages)
+    and languages[0] != languages[1]
+  )
+
+
+def parallel_text_layout(languages: Sequence[str]) -> str:
+  """The files `ParallelText` reads, in words, for error messages."""
+  src, tgt = languages
+  required = ', '.join(
+    f'{split}.{lang}' for split in PARALLEL_TEXT_REQUIRED for lang in (src, tgt)
+  )
+  return (
+    f'{required} and optionally test.{src}, test.{tgt} (one sentence per '
+    'line, line i of one language translating line i of the other; UTF-8 '
+    'text, or gzipped as e.g. train.' + src + '.gz)'
+  )
+
+
+def _split_names(
+  split: str, languages: Sequence[str], paths: dict[str, str]
+) -> tuple[str, ...]:
+  """The file names of `split` in `paths`, source first; () if none."""
+  return tuple(
+    name
+    for lang in languages
+    for name in (f'{split}.{lang}', f'{split}.{lang}.gz')
+    if name in paths
+  )
+
+
+def _parallel_text_files(
+  folder: str | None, languages: Sequence[str]
+) -> dict[str, str]:
+  """{name: path} of the corpus files in `folder` (see `ParallelText`)."""
+  if not folder:
+    raise TranslationDataError(
+      'parallel_text: no source_dir given. Set config.data.source_dir to '
+      f'the folder holding {parallel_text_layout(languages)}.'
+    )
+  if not os.path.isdir(folder):
+    raise TranslationDataError(
+      f'parallel_text: the folder {folder} does not exist. It must hold '
+      f'{parallel_text_layout(languages)}.'
+    )
+  paths, missing = {}, []
+  for split in PARALLEL_TEXT_SPLITS:
+    found = {}
+    for lang in languages:
+      plain = f'{split}.{lang}'
+      here = [
+        name
+        for name in (plain, plain + '.gz')
+        if os.path.isfile(os.path.join(folder, name))
+      ]
+      if len(here) == 2:
+        raise TranslationDataError(
+          f'parallel_text: {folder} holds both {plain} and {plain}.gz; it '
+          'is not clear which to read. Remove one of them.'
+        )
+      if here:
+        found[here[0]] = os.path.join(folder, here[0])
+    if len(found) == 2:
+      paths.update(found)
+    elif found or split in PARALLEL_TEXT_REQUIRED:
+      missing += [
+        f'{split}.{lang}'
+        for lang in languages
+        if not _split_names(split, [lang], found)
+      ]
+  if missing:
+    raise TranslationDataError(
+      f'parallel_text: the folder {folder} lacks {", ".join(missing)} (or '
+      f'the same gzipped, .gz). It must hold '
+      f'{parallel_text_layout(languages)}.'
+    )
+  return paths
+
+
 # Which feature is the source and which the target, per dataset.
 _DIRECTIONS = {
   'multi30k': ('de', 'en'),
   'anki/fra-eng': ('en', 'fr'),
   'anki/cmn-eng': ('en', 'zh'),
+  'parallel_text': ('source', 'target'),
 }
 
 
@@ -564,7 +800,8 @@ class PairSource(Sequence):
 
 def directions(name: str, reverse: bool = False) -> tuple[str, str]:
   """The (source, target) feature names of dataset `name`, e.g. ('de',
-  'en') for multi30k, swapped when `reverse`."""
+  'en') for multi30k or ('source', 'target') for parallel_text, swapped
+  when `reverse`."""
   if name not in _DIRECTIONS:
     raise ValueError(f'Unknown dataset {name!r}; known: {list(_DIRECTIONS)}.')
   src, tgt = _DIRECTIONS[name]
@@ -586,13 +823,14 @@ def load_pairs(
   """Builds `name` if needed and returns `split` as (source, target) pairs.
 
   Args:
-    name: 'multi30k', 'anki/fra-eng' or 'anki/cmn-eng'.
+    name: 'multi30k', 'anki/fra-eng', 'anki/cmn-eng' or 'parallel_text'.
     split: a tfds split, e.g. 'train', 'validation', 'test_2016[:10]'.
     data_dir: where tfds writes the array_record files (tfds's default when
       None).
     reverse: swap source and target (default directions: de->en, en->fr,
-      en->zh).
-    **builder_kwargs: `source_dir`, `on_bad_utf8`, `on_bad_line`.
+      en->zh, and for parallel_text languages[0] -> languages[1]).
+    **builder_kwargs: `source_dir`, `on_bad_utf8`, `on_bad_line` (anki),
+      `languages` (parallel_text).
 
   Returns:
     A sequence with random access, usable as a Grain data source.
@@ -608,6 +846,16 @@ def load_pairs(
   )
   builder.download_and_prepare()  # Once per data_dir; then a no-op.
   builder.check_sources()
+  base = split.split('[', 1)[0].strip()
+  if isinstance(builder, ParallelText) and base not in builder.info.splits:
+    src, tgt = builder.languages
+    raise TranslationDataError(
+      f'the corpus has no {base!r} split: it was prepared from '
+      f'{builder.source_dir} with the splits '
+      f'{", ".join(builder.info.splits)} only (no {base}.{src} / '
+      f'{base}.{tgt}). Add those files and delete {builder.data_dir} to '
+      'prepare it again, or choose a split it has.'
+    )
   try:
     builder.info.splits[split]  # Parses the split; reads nothing.
   except ValueError as e:  # tfds: an unknown split or a malformed slice.
