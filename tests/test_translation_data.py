@@ -1,4 +1,5 @@
-"""Tests for the multi30k / anki TFDS builders in attnjax.data.translation."""
+"""Tests for the multi30k / anki / parallel_text TFDS builders in
+attnjax.data.translation."""
 
 import gzip
 import logging
@@ -532,6 +533,291 @@ def test_anki_split_is_stable():
     counts[translation.anki_split(f'sentence {i}')] += 1
   for split, percent in translation.ANKI_SPLIT_PERCENT.items():
     assert abs(counts[split] / 20_000 - percent / 100) < 0.01
+
+
+# parallel_text (your own corpus) on fixtures.
+
+
+def _corpus(folder, sizes=None, gz=(), languages=('de', 'en'), **files):
+  """Writes `{split}.{lang}` files of `sizes[split]` lines (default train
+  4, validation 2, no test); names in `gz` are gzipped (written as
+  `name.gz`); `files` gives the bytes of a file by name ('train_de')."""
+  os.makedirs(folder, exist_ok=True)
+  sizes = sizes or {'train': 4, 'validation': 2}
+  for split, count in sizes.items():
+    for lang in languages:
+      name = f'{split}.{lang}'
+      lines = ''.join(f'{split} {lang} {i}\n' for i in range(count))
+      data = files.get(name.replace('.', '_'), lines.encode())
+      if name in gz:
+        _write_gz(folder / f'{name}.gz', data)
+      else:
+        (folder / name).write_bytes(data)
+  return folder
+
+
+def _text_build(tmp_path, folder, languages=('de', 'en'), **kwargs):
+  return _build(
+    translation.ParallelText,
+    tmp_path,
+    source_dir=folder,
+    languages=languages,
+    **kwargs,
+  )
+
+
+def _text_error(tmp_path, folder, languages=('de', 'en')) -> str:
+  with pytest.raises(translation.TranslationDataError) as e:
+    _text_build(tmp_path, folder, languages)
+  return str(e.value)
+
+
+def test_parallel_text_splits_order_and_gzip(tmp_path):
+  sizes = {'train': 5, 'validation': 3, 'test': 2}
+  folder = _corpus(tmp_path / 'src', sizes, gz=('validation.en', 'test.de'))
+  builder = _text_build(tmp_path, folder)
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == sizes
+  assert _pairs(builder, 'validation', 'source', 'target') == [
+    (f'validation de {i}', f'validation en {i}') for i in range(3)
+  ]
+  assert sorted(builder.info.metadata['sources']['files']) == [
+    'test.de.gz',
+    'test.en',
+    'train.de',
+    'train.en',
+    'validation.de',
+    'validation.en.gz',
+  ]
+  options = builder.info.metadata['sources']['options']
+  assert options == {'on_bad_utf8': 'error', 'languages': 'de,en'}
+
+
+def test_parallel_text_without_test_split(tmp_path):
+  folder = _corpus(tmp_path / 'src')
+  builder = _text_build(tmp_path, folder)
+  assert list(builder.info.splits) == ['train', 'validation']
+
+  def load(split):
+    return translation.load_pairs(
+      'parallel_text',
+      split,
+      data_dir=tmp_path / 'tfds',
+      source_dir=folder,
+      languages=('de', 'en'),
+    )
+
+  assert len(load('train[:3]')) == 3
+  with pytest.raises(
+    translation.TranslationDataError,
+    match=r"no 'test' split.*train, validation only \(no test\.de / test\.en",
+  ):
+    load('test[:5]')
+
+
+def test_parallel_text_reverse_and_any_language_pair(tmp_path):
+  folder = _corpus(tmp_path / 'src', languages=('pt_BR', 'zh-Hans'))
+  pairs = translation.load_pairs(
+    'parallel_text',
+    'validation',
+    data_dir=tmp_path / 'tfds',
+    source_dir=folder,
+    languages=('pt_BR', 'zh-Hans'),
+    reverse=True,
+  )
+  assert list(pairs) == [
+    (f'validation zh-Hans {i}', f'validation pt_BR {i}') for i in range(2)
+  ]
+
+
+def test_parallel_text_normalises(tmp_path):
+  de = '\ufeffEin\u00a0Hund\u200b.\r\n'.encode() + b'b\n' * 3
+  en = 'A dog\u202f.  \n'.encode() + b'b\n' * 3
+  folder = _corpus(tmp_path / 'src', gz=('train.en',), train_de=de, train_en=en)
+  builder = _text_build(tmp_path, folder)
+  assert _pairs(builder, 'train', 'source', 'target')[0] == (
+    'Ein Hund.',
+    'A dog .',
+  )
+
+
+def test_parallel_text_bad_utf8_error_names_file_and_line(tmp_path):
+  folder = _corpus(tmp_path / 'src', train_en=b'a\nb\n\xa3 c\nd\n')
+  msg = _text_error(tmp_path, folder)
+  assert 'train.en, line 3: not valid UTF-8' in msg
+  assert "on_bad_utf8='skip'" in msg
+
+
+def test_parallel_text_bad_utf8_skip_drops_the_pair(tmp_path, caplog):
+  folder = _corpus(tmp_path / 'src', train_en=b'a\nb\n\xa3 c\nd\n')
+  with caplog.at_level(logging.WARNING, logger=translation.__name__):
+    builder = _text_build(tmp_path, folder, on_bad_utf8='skip')
+  pairs = _pairs(builder, 'train', 'source', 'target')
+  assert pairs == [
+    ('train de 0', 'a'),
+    ('train de 1', 'b'),
+    ('train de 3', 'd'),
+  ]
+  assert 'Skipped 1 line pairs that are not valid UTF-8' in caplog.text
+  assert builder.info.metadata['sources']['options']['on_bad_utf8'] == 'skip'
+
+
+def test_parallel_text_mismatched_line_counts(tmp_path):
+  folder = _corpus(tmp_path / 'src', validation_en=b'only one\n')
+  msg = _text_error(tmp_path, folder)
+  assert 'validation.de has 2 lines' in msg
+  assert 'validation.en has 1' in msg
+
+
+def test_parallel_text_missing_folder_and_files(tmp_path):
+  msg = _text_error(tmp_path, tmp_path / 'nowhere')
+  assert 'nowhere does not exist' in msg
+  assert 'train.de, train.en, validation.de, validation.en' in msg
+  assert 'optionally test.de, test.en' in msg and '.gz' in msg
+  # Another language pair than the files': every file of it is missing.
+  folder = _corpus(tmp_path / 'src')
+  msg = _text_error(tmp_path, folder, languages=('fr', 'en'))
+  assert 'lacks train.fr, validation.fr (or' in msg and '.gz' in msg
+  # A test split with one side only is an error, not a split left out.
+  (folder / 'test.de').write_bytes(b'x\n')
+  assert 'lacks test.en' in _text_error(tmp_path, folder)
+  with pytest.raises(translation.TranslationDataError, match='no source_dir'):
+    _text_build(tmp_path, None)
+
+
+def test_parallel_text_plain_and_gzipped_file_is_ambiguous(tmp_path):
+  folder = _corpus(tmp_path / 'src')
+  _write_gz(folder / 'train.en.gz', b'train en 0\n')
+  msg = _text_error(tmp_path, folder)
+  assert 'both train.en and train.en.gz' in msg and 'Remove one' in msg
+
+
+def test_parallel_text_corrupt_gzip(tmp_path):
+  folder = _corpus(tmp_path / 'src', gz=('train.de',))
+  good = (folder / 'train.de.gz').read_bytes()
+  (folder / 'train.de.gz').write_bytes(good[: len(good) // 2])
+  msg = _text_error(tmp_path, folder)
+  assert 'train.de.gz is not a valid gzip file' in msg
+
+
+def test_parallel_text_empty_split_names_the_files(tmp_path):
+  folder = _corpus(tmp_path / 'src', {'train': 4, 'validation': 0})
+  msg = _text_error(tmp_path, folder)
+  assert 'validation.de / ' in msg and 'hold no sentence pairs' in msg
+
+
+@pytest.mark.parametrize(
+  'languages', [(), ('de',), ('de', 'de'), ('de', 'e/n'), ('de', '.en'), 'de']
+)
+def test_parallel_text_bad_languages(languages):
+  with pytest.raises(ValueError, match='two different language codes'):
+    translation.ParallelText(languages=languages, source_dir='x')
+
+
+def test_parallel_text_prepared_for_other_languages_or_files_is_refused(
+  tmp_path,
+):
+  folder = _corpus(tmp_path / 'src', {'train': 4, 'validation': 2})
+  _corpus(folder, {'train': 3, 'validation': 1}, languages=('fr',))
+
+  def load(languages=('de', 'en')):
+    return translation.load_pairs(
+      'parallel_text',
+      'train',
+      data_dir=tmp_path / 'tfds',
+      source_dir=folder,
+      languages=languages,
+    )
+
+  built = list(load())
+  with pytest.raises(
+    translation.TranslationDataError,
+    match=r'(?s)holds languages de,en, not fr,en.*tfds_dir',
+  ):
+    load(('fr', 'en'))
+  with pytest.raises(translation.TranslationDataError, match='reverse=True'):
+    load(('en', 'de'))
+  (folder / 'train.en').write_bytes(b'new\n' * 4)
+  with pytest.raises(
+    translation.TranslationDataError,
+    match=r'(?s)other source files.*differing: train\.en\).*tfds_dir',
+  ):
+    load()
+  # The languages are checked even with the build's files gone.
+  for name in ('train.de', 'train.en', 'validation.de', 'validation.en'):
+    os.remove(folder / name)
+  assert list(load()) == built
+  with pytest.raises(translation.TranslationDataError, match='not fr,en'):
+    load(('fr', 'en'))
+
+
+@pytest.mark.parametrize(
+  'languages, match',
+  [
+    ((), 'config.data.languages=\\(\\) is invalid'),
+    (('de',), 'two different language codes for task parallel_text'),
+    (('de', 'de'), 'two different'),
+    (('de', 'en/x'), 'two different'),
+    (('de', 'en.gz'), 'two different'),
+  ],
+)
+def test_translation_data_parallel_text_needs_two_languages(languages, match):
+  with pytest.raises(ValueError, match=match):
+    parallel.TranslationData(
+      task='parallel_text', source_dir='corpus', languages=languages
+    )
+
+
+def test_translation_data_languages_only_for_parallel_text():
+  with pytest.raises(
+    ValueError, match=r'config.data.languages=.*\(\) for task multi30k'
+  ):
+    parallel.TranslationData(task='multi30k', languages=('de', 'en'))
+  with pytest.raises(ValueError, match='one of .*parallel_text'):
+    parallel.TranslationData(task='wmt14')
+
+
+def test_translation_data_parallel_text_needs_source_dir():
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)config.data.source_dir='' is invalid.*holding train\.fr, "
+    r'train\.en, validation\.fr.*--config\.data\.source_dir=',
+  ):
+    parallel.TranslationData(task='parallel_text', languages=('fr', 'en'))
+
+
+@pytest.mark.parametrize(
+  'given', ['de,en', ('de,en',), ['de', 'en'], (' de', 'en ')]
+)
+def test_translation_data_languages_from_the_command_line(given):
+  # `--config.data.languages=de,en` arrives as ('de,en',); JSON as a list.
+  data = parallel.TranslationData.from_config(
+    {'task': 'parallel_text', 'source_dir': 'corpus', 'languages': given}
+  )
+  assert data.languages == ('de', 'en')
+
+
+@pytest.mark.parametrize(
+  'languages, reverse, target, chinese',
+  [
+    (('de', 'en'), False, 'en', False),
+    (('de', 'en'), True, 'de', False),
+    (('en', 'zh'), False, 'zh', True),
+    (('zh-Hans', 'en'), True, 'zh-Hans', True),
+  ],
+)
+def test_parallel_text_target_language_picks_the_bleu_tokenizer(
+  languages, reverse, target, chinese
+):
+  data = parallel.TranslationData(
+    task='parallel_text',
+    source_dir='corpus',
+    languages=languages,
+    reverse=reverse,
+  )
+  assert parallel.target_language(data) == target
+  assert parallel._is_chinese(target) == chinese
+  anki = parallel.TranslationData(task='anki_cmn', reverse=reverse)
+  assert parallel.target_language(anki) == ('en' if reverse else 'zh')
 
 
 # The shared copies.
