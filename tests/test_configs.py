@@ -53,6 +53,7 @@ TRANSLATION_CONFIGS = (
   'multi30k_bahdanau',
   'anki_fra_transformer',
   'anki_cmn_transformer',
+  'text_transformer',
 )
 
 
@@ -62,6 +63,9 @@ def test_translation_configs_build(name, size):
   """Shapes only: a stand-in task with the configured vocabulary sizes, so
   no data is read and no vocabulary trained."""
   config = importlib.import_module(f'configs.{name}').get_config(size)
+  if config.data.task == 'parallel_text':  # Set on the command line.
+    config.data.source_dir = '/path/to/corpus'
+    config.data.languages = ('de', 'en')
   train_lib.validate_config(config)
   data = parallel.TranslationData.from_config(config.data)
   vocab = types.SimpleNamespace(size=data.vocab_size)
@@ -82,6 +86,39 @@ def test_translation_configs_build(name, size):
   assert jax.tree.leaves(sharding.state_shardings(abstract, mesh).params)
   # Every bucket fits the model's positions.
   assert max(data.buckets[:-1], default=0) <= data.max_len
+
+
+@pytest.mark.parametrize('size', ['', 'tiny'])
+def test_text_transformer_takes_its_corpus_from_the_command_line(
+  size, monkeypatch
+):
+  """As train.py parses it; without the corpus the error says what to set."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  def parse(*overrides):
+    path = pathlib.Path(base.__file__).with_name('text_transformer.py')
+    argv = ['train.py', f'--config={path}:{size}'.rstrip(':'), *overrides]
+    # config_flags finds the --config.* overrides in sys.argv.
+    monkeypatch.setattr(sys, 'argv', argv)
+    flag_values = flags.FlagValues()
+    config = config_flags.DEFINE_config_file(
+      'config', flag_values=flag_values, lock_config=True
+    )
+    flag_values(argv)
+    return parallel.TranslationData.from_config(config.value.data)
+
+  data = parse(
+    '--config.data.source_dir=/path/to/corpus', '--config.data.languages=de,en'
+  )
+  assert (data.task, data.languages) == ('parallel_text', ('de', 'en'))
+  assert data.source_dir == '/path/to/corpus'
+  with pytest.raises(ValueError, match=r'--config\.data\.languages=de,en'):
+    parse()
+  with pytest.raises(
+    ValueError, match=r'(?s)source_dir.*train\.de.*--config\.data\.source_dir'
+  ):
+    parse('--config.data.languages=de,en')
 
 
 @pytest.mark.parametrize('name', TRANSLATION_CONFIGS)
