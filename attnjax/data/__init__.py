@@ -5,9 +5,10 @@
   and `encode_batch`.
 - `pipeline`: `train_dataset` (infinite, per-process, checkpointable) and
   `heldout_batches` (fixed, padded, with a 'valid' mask).
-- `translation`: TFDS builders for Multi30k and the Anki sentence pairs, and
-  `load_pairs`. Import it explicitly (`from attnjax.data import
-  translation`): it loads tensorflow_datasets, which the rest does not need.
+- `translation`: TFDS builders for Multi30k, the Anki sentence pairs and
+  your own corpus (`parallel_text`), and `load_pairs`. Import it explicitly
+  (`from attnjax.data import translation`): it loads tensorflow_datasets,
+  which the rest does not need.
 """
 
 from attnjax.data import pipeline, synthetic, vocab
