@@ -723,3 +723,21 @@ def test_own_corpus_trains_evaluates_and_decodes(tmp_path, capsys):
   assert code == 2 and out == ''
   assert err.startswith('attnjax evaluate: error: ')
   assert "no 'test' split" in err and 'test.de / test.en' in err
+
+
+def test_languages_are_part_of_the_model_identity(tmp_path):
+  """A workdir's config.json from before config.data.languages is not a
+  changed field; other languages are (a checkpoint of de->en is not one
+  of en->de)."""
+  config = tiny_config(str(tmp_path / 'tfds'))
+  saved = json.loads(config.to_json_best_effort())
+  del saved['data']['languages']
+  (tmp_path / train_lib.CONFIG_FILE).write_text(json.dumps(saved))
+  assert train_lib._changed_fields(config, tmp_path) == []
+  text = importlib.import_module('configs.text_transformer').get_config()
+  text.data.languages = ('de', 'en')
+  train_lib.save_config(text, tmp_path)
+  text.data.languages = ('en', 'de')
+  changed = train_lib._changed_fields(text, tmp_path)
+  assert changed == ["data.languages: ['de', 'en'] -> ['en', 'de']"]
+  assert changed[0].startswith(train_lib._IDENTITY_FIELDS)
