@@ -182,7 +182,7 @@ class TranslationData:
       )
     else:
       need(
-        self.languages == (),
+        not self.languages,
         'languages',
         f'() for task {self.task}, whose languages are fixed (only '
         'parallel_text takes languages; reverse translates the other way)',
@@ -239,8 +239,8 @@ class TranslationData:
 
 def _split_codes(languages: Any) -> Any:
   """('de', 'en') from 'de,en' or ('de,en',): ml_collections reads
-  `--config.data.languages=de,en` as one string in a tuple. Anything else
-  passes through as a tuple, for `TranslationData` to check."""
+  `--config.data.languages=de,en` as one string in a tuple. Anything but
+  strings passes through unchanged, for `TranslationData` to refuse."""
   if isinstance(languages, str):
     languages = (languages,)
   if not isinstance(languages, Sequence) or not all(
