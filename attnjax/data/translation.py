@@ -1,7 +1,7 @@
 """TFDS builders for parallel text: `multi30k`, `anki` and `parallel_text`
 (no TensorFlow).
 
-Both builders write array_record files, so the splits are read back with
+The builders write array_record files, so the splits are read back with
 random access through the builder's `as_data_source` (see `load_pairs`),
 which is what the Grain pipeline wants.
 
