@@ -161,6 +161,51 @@ def _multi30k_fix(name: str) -> str:
   return f'Delete it and download it again from {MULTI30K_URL}{name}'
 
 
+def _aligned_pairs(
+  files: dict[str, tuple[str, bytes]],
+  on_bad_utf8: OnBad,
+  *,
+  mismatch_fix: str,
+  empty_fix: str,
+) -> Iterator[tuple[int, dict[str, str]]]:
+  """The examples `(i, {key: line i})` of two line-aligned files.
+
+  Args:
+    files: {feature key: (path, contents)}, two of them, source first.
+    on_bad_utf8: 'error', or 'skip' to drop a pair with a line that is not
+      UTF-8 (logging how many).
+    mismatch_fix: ends the error when the line counts differ.
+    empty_fix: ends the error when no pair is left.
+  """
+  (key_a, (path_a, data_a)), (key_b, (path_b, data_b)) = files.items()
+  lines_a, lines_b = _split_lines(data_a), _split_lines(data_b)
+  if len(lines_a) != len(lines_b):
+    raise TranslationDataError(
+      f'{path_a} has {len(lines_a)} lines but {path_b} has {len(lines_b)}; '
+      f'line i of one must translate line i of the other. {mismatch_fix}'
+    )
+  text_a = _decode_lines(path_a, lines_a, on_bad_utf8)
+  text_b = _decode_lines(path_b, lines_b, on_bad_utf8)
+  skipped = 0
+  for i, (a, b) in enumerate(zip(text_a, text_b, strict=True)):
+    if a is None or b is None:
+      skipped += 1
+      continue
+    yield i, {key_a: normalize_text(a), key_b: normalize_text(b)}
+  if skipped == len(text_a):  # tfds would fail with no word of which file.
+    what = f'all {skipped} lines are not UTF-8' if skipped else 'empty'
+    raise TranslationDataError(
+      f'{path_a} / {path_b} hold no sentence pairs ({what}). {empty_fix}'
+    )
+  if skipped:
+    _log.warning(
+      'Skipped %d line pairs that are not valid UTF-8 in %s / %s.',
+      skipped,
+      path_a,
+      path_b,
+    )
+
+
 def _source_record(paths: dict[str, str], options: dict[str, str]) -> dict:
   """{'files': {name: sha256}, 'options': options}: what a build read from
   `paths` ({name: path}, the names as the dataset knows its files)."""
@@ -288,36 +333,16 @@ class Multi30k(_Builder):
     """The pairs of `{stem}.de.gz` / `{stem}.en.gz` (at `paths[name]`)."""
     de_name, en_name = f'{stem}.de.gz', f'{stem}.en.gz'
     de_path, en_path = paths[de_name], paths[en_name]
-    de_lines = _split_lines(_read_gzip(de_path, _multi30k_fix(de_name)))
-    en_lines = _split_lines(_read_gzip(en_path, _multi30k_fix(en_name)))
-    if len(de_lines) != len(en_lines):
-      raise TranslationDataError(
-        f'{de_path} has {len(de_lines)} lines but {en_path} has '
-        f'{len(en_lines)}; line i of one must translate line i of the other. '
-        f'One of them is truncated or from another release: download both '
-        f'again from {MULTI30K_URL}'
-      )
-    de = _decode_lines(de_path, de_lines, self.on_bad_utf8)
-    en = _decode_lines(en_path, en_lines, self.on_bad_utf8)
-    skipped = 0
-    for i, (d, e) in enumerate(zip(de, en, strict=True)):
-      if d is None or e is None:
-        skipped += 1
-        continue
-      yield i, {'de': normalize_text(d), 'en': normalize_text(e)}
-    if skipped == len(de):  # tfds would fail with no word of which file.
-      what = f'all {skipped} lines are not UTF-8' if skipped else 'empty'
-      raise TranslationDataError(
-        f'{de_path} / {en_path} hold no sentence pairs ({what}). Download '
-        f'both again from {MULTI30K_URL}'
-      )
-    if skipped:
-      _log.warning(
-        'Skipped %d line pairs that are not valid UTF-8 in %s / %s.',
-        skipped,
-        de_path,
-        en_path,
-      )
+    yield from _aligned_pairs(
+      {
+        'de': (de_path, _read_gzip(de_path, _multi30k_fix(de_name))),
+        'en': (en_path, _read_gzip(en_path, _multi30k_fix(en_name))),
+      },
+      self.on_bad_utf8,
+      mismatch_fix='One of them is truncated or from another release: '
+      f'download both again from {MULTI30K_URL}',
+      empty_fix=f'Download both again from {MULTI30K_URL}',
+    )
 
 
 def _download_multi30k(dl_manager) -> dict[str, str]:
@@ -627,48 +652,28 @@ class ParallelText(_Builder):
   def _generate_examples(self, split: str, paths: dict[str, str]):
     """The pairs of `{split}.{source}` / `{split}.{target}`."""
     names = _split_names(split, self.languages, paths)
-    src_path, tgt_path = (paths[name] for name in names)
-    sides = []
-    for name, path in zip(names, (src_path, tgt_path), strict=True):
-      if name.endswith('.gz'):
-        fix = (
-          f'Compress {name.removesuffix(".gz")} again, or put the plain '
-          'text file in its place.'
-        )
-        data = _read_gzip(path, fix)
-      else:
-        with open(path, 'rb') as f:
-          data = f.read()
-      sides.append(_split_lines(data))
-    src_lines, tgt_lines = sides
-    if len(src_lines) != len(tgt_lines):
-      raise TranslationDataError(
-        f'{src_path} has {len(src_lines)} lines but {tgt_path} has '
-        f'{len(tgt_lines)}; line i of one must translate line i of the '
-        'other. Fix the shorter one (a sentence split over two lines, or a '
-        'line dropped?), or remove the pairs the files disagree on.'
-      )
-    src = _decode_lines(src_path, src_lines, self.on_bad_utf8)
-    tgt = _decode_lines(tgt_path, tgt_lines, self.on_bad_utf8)
-    skipped = 0
-    for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
-      if s is None or t is None:
-        skipped += 1
-        continue
-      yield i, {'source': normalize_text(s), 'target': normalize_text(t)}
-    if skipped == len(src):  # tfds would fail with no word of which file.
-      what = f'all {skipped} lines are not UTF-8' if skipped else 'empty'
-      raise TranslationDataError(
-        f'{src_path} / {tgt_path} hold no sentence pairs ({what}). Every '
-        'split of the corpus needs at least one pair.'
-      )
-    if skipped:
-      _log.warning(
-        'Skipped %d line pairs that are not valid UTF-8 in %s / %s.',
-        skipped,
-        src_path,
-        tgt_path,
-      )
+    yield from _aligned_pairs(
+      {
+        key: (paths[name], _read_corpus_file(paths[name], name))
+        for key, name in zip(('source', 'target'), names, strict=True)
+      },
+      self.on_bad_utf8,
+      mismatch_fix='Fix the shorter one (a sentence split over two lines, '
+      'or a line dropped?), or remove the pairs the files disagree on.',
+      empty_fix='Every split of the corpus needs at least one pair.',
+    )
+
+
+def _read_corpus_file(path: str, name: str) -> bytes:
+  """The bytes of `path` (`name` in the corpus), gunzipped if gzipped."""
+  if name.endswith('.gz'):
+    return _read_gzip(
+      path,
+      f'Compress {name.removesuffix(".gz")} again, or put the plain text '
+      'file in its place.',
+    )
+  with open(path, 'rb') as f:
+    return f.read()
 
 
 def valid_languages(languages: Sequence[str]) -> bool:
