@@ -612,6 +612,13 @@ def test_parallel_text_without_test_split(tmp_path):
     match=r"no 'test' split.*train, validation only \(no test\.de / test\.en",
   ):
     load('test[:5]')
+  # Split expressions as for any tfds dataset; a missing part is named.
+  assert len(load('validation+train[:3]')) == 5
+  with pytest.raises(translation.TranslationDataError, match="no 'test' split"):
+    load('validation+test')
+  # A name outside the layout is tfds's unknown split, not a missing file.
+  with pytest.raises(translation.TranslationDataError, match='bad split'):
+    load('tarin')
 
 
 def test_parallel_text_reverse_and_any_language_pair(tmp_path):

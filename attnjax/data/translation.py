@@ -478,6 +478,21 @@ class Anki(_Builder):
       f'{config.subdirs[0]}/{config.file_name}.'
     )
 
+  def check_split(self, split: str) -> None:
+    """Refuses a split expression ('test', 'train[:100]+test') that reads
+    an optional split the corpus was prepared without, naming its files."""
+    for part in split.split('+'):
+      base = part.split('[', 1)[0].strip()
+      if base in PARALLEL_TEXT_SPLITS and base not in self.info.splits:
+        src, tgt = self.languages
+        raise TranslationDataError(
+          f'the corpus has no {base!r} split: it was prepared from '
+          f'{self.source_dir} with the splits {", ".join(self.info.splits)} '
+          f'only (no {base}.{src} / {base}.{tgt}). Add those files and '
+          f'delete {self.data_dir} to prepare it again, or choose a split '
+          'it has.'
+        )
+
   def _split_generators(self, dl_manager):
     del dl_manager  # Local files only.
     path = self._source_file()
@@ -638,6 +653,21 @@ class ParallelText(_Builder):
         )
       )
     super().check_sources()
+
+  def check_split(self, split: str) -> None:
+    """Refuses a split expression ('test', 'train[:100]+test') that reads
+    an optional split the corpus was prepared without, naming its files."""
+    for part in split.split('+'):
+      base = part.split('[', 1)[0].strip()
+      if base in PARALLEL_TEXT_SPLITS and base not in self.info.splits:
+        src, tgt = self.languages
+        raise TranslationDataError(
+          f'the corpus has no {base!r} split: it was prepared from '
+          f'{self.source_dir} with the splits {", ".join(self.info.splits)} '
+          f'only (no {base}.{src} / {base}.{tgt}). Add those files and '
+          f'delete {self.data_dir} to prepare it again, or choose a split '
+          'it has.'
+        )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Local files only.
@@ -851,16 +881,8 @@ def load_pairs(
   )
   builder.download_and_prepare()  # Once per data_dir; then a no-op.
   builder.check_sources()
-  base = split.split('[', 1)[0].strip()
-  if isinstance(builder, ParallelText) and base not in builder.info.splits:
-    src, tgt = builder.languages
-    raise TranslationDataError(
-      f'the corpus has no {base!r} split: it was prepared from '
-      f'{builder.source_dir} with the splits '
-      f'{", ".join(builder.info.splits)} only (no {base}.{src} / '
-      f'{base}.{tgt}). Add those files and delete {builder.data_dir} to '
-      'prepare it again, or choose a split it has.'
-    )
+  if isinstance(builder, ParallelText):
+    builder.check_split(split)
   try:
     builder.info.splits[split]  # Parses the split; reads nothing.
   except ValueError as e:  # tfds: an unknown split or a malformed slice.
