@@ -691,6 +691,18 @@ def test_parallel_text_missing_folder_and_files(tmp_path):
     _text_build(tmp_path, None)
 
 
+def test_parallel_text_gzipped_file_without_gz_suffix(tmp_path):
+  # gzip's own bytes are no UTF-8 text: reading them as text named a
+  # "bad UTF-8" line 1 and suggested iconv.
+  folder = _corpus(tmp_path / 'src', gz=('train.de',))
+  os.rename(folder / 'train.de.gz', folder / 'train.de')
+  builder = _text_build(tmp_path, folder)
+  assert _pairs(builder, 'train', 'source', 'target')[1] == (
+    'train de 1',
+    'train en 1',
+  )
+
+
 def test_parallel_text_plain_and_gzipped_file_is_ambiguous(tmp_path):
   folder = _corpus(tmp_path / 'src')
   _write_gz(folder / 'train.en.gz', b'train en 0\n')

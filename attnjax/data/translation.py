@@ -87,6 +87,8 @@ ANKI_URL = 'https://www.manythings.org/anki/'
 # The splits of `parallel_text`, each read from `{split}.{lang}[.gz]`.
 PARALLEL_TEXT_SPLITS = ('train', 'validation', 'test')
 PARALLEL_TEXT_REQUIRED = ('train', 'validation')
+# The first two bytes of every gzip file.
+_GZIP_MAGIC = b'\x1f\x8b'
 # A language code as it appears in file names: 'de', 'zh-Hans', 'pt_BR'.
 _LANGUAGE_CODE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]{0,15}')
 
@@ -695,8 +697,15 @@ class ParallelText(_Builder):
 
 
 def _read_corpus_file(path: str, name: str) -> bytes:
-  """The bytes of `path` (`name` in the corpus), gunzipped if gzipped."""
-  if name.endswith('.gz'):
+  """The bytes of `path` (`name` in the corpus), gunzipped if gzipped.
+
+  By its first bytes too: a gzipped file saved without `.gz` would
+  otherwise be read as text that is not UTF-8. (No UTF-8 text starts with
+  them: 0x8b is a continuation byte.)
+  """
+  with open(path, 'rb') as f:
+    gzipped = f.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+  if name.endswith('.gz') or gzipped:
     return _read_gzip(
       path,
       f'Compress {name.removesuffix(".gz")} again, or put the plain text '
