@@ -215,6 +215,11 @@ def _changed_fields(config: ml_collections.ConfigDict, workdir) -> list[str]:
   # Likewise config.data.languages, added since (only parallel_text sets it).
   if 'data.languages' in current and 'data.languages' not in saved:
     saved['data.languages'] = []
+  # The same codes, however given: --config.data.languages=de,en is saved
+  # as ['de,en'], a config file's ('de', 'en') as ['de', 'en'].
+  for flat in (saved, current):
+    if isinstance(codes := flat.get('data.languages'), list | str):
+      flat['data.languages'] = list(parallel.split_codes(codes))
   return [
     f'{key}: {saved.get(key)!r} -> {current.get(key)!r}'
     for key in sorted(set(saved) | set(current))

@@ -741,3 +741,8 @@ def test_languages_are_part_of_the_model_identity(tmp_path):
   changed = train_lib._changed_fields(text, tmp_path)
   assert changed == ["data.languages: ['de', 'en'] -> ['en', 'de']"]
   assert changed[0].startswith(train_lib._IDENTITY_FIELDS)
+  # The same languages, however given: --config.data.languages=de,en
+  # arrives (and is saved) as ['de,en'].
+  for same in (('de,en',), ('de, en',)):
+    text.data.languages = same
+    assert train_lib._changed_fields(text, tmp_path) == [], same

@@ -229,7 +229,7 @@ class TranslationData:
     if 'buckets' in values:
       values['buckets'] = tuple(values['buckets'])
     if 'languages' in values:
-      values['languages'] = _split_codes(values['languages'])
+      values['languages'] = split_codes(values['languages'])
     return cls(**values)
 
   @property
@@ -237,7 +237,7 @@ class TranslationData:
     return max(self.max_source_len, self.max_target_len)
 
 
-def _split_codes(languages: Any) -> Any:
+def split_codes(languages: Any) -> Any:
   """('de', 'en') from 'de,en' or ('de,en',): ml_collections reads
   `--config.data.languages=de,en` as one string in a tuple. Anything but
   strings passes through unchanged, for `TranslationData` to refuse."""
