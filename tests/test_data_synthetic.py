@@ -119,7 +119,9 @@ def test_addition_questions_are_written_as_in_training():
   assert task.prepare_source('007+008') == encode('    7+8')
   # Longer than any training question, yet a question of this task.
   assert task.prepare_source('0000007+8') == encode('    7+8')
-  for bad in ('1234+5', '7+8+9', '1 + 2', '+', '12+'):
+  assert task.prepare_source('0' * 5000 + '7+0') == encode('    7+0')
+  assert task.prepare_source('00000+1') == encode('    0+1')
+  for bad in ('1234+5', '7+8+9', '1 + 2', '+', '12+', '9' * 5000 + '+1'):
     with pytest.raises(ValueError, match='not a question of this addition'):
       task.prepare_source(bad)
 

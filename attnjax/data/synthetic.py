@@ -329,9 +329,13 @@ class AdditionTask(Task):
     # No length check: a question of the right form always fits once written
     # as in training, and one that does not is refused below.
     self._check_characters(text)
-    terms = text.strip().split('+')
+    # Zeros dropped first: int() refuses strings of over 4,300 digits.
+    terms = [term.lstrip('0') or term[:1] for term in text.strip().split('+')]
     if len(terms) != self.n_numbers or not all(
-      term.isdigit() and int(term) <= self.largest for term in terms
+      term.isdigit()
+      and len(term) <= len(str(self.largest))
+      and int(term) <= self.largest
+      for term in terms
     ):
       example = '+'.join(
         str(self.largest // 3 + i) for i in range(self.n_numbers)
