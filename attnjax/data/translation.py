@@ -736,7 +736,7 @@ def parallel_text_layout(languages: Sequence[str]) -> str:
   return (
     f'{required} and optionally test.{src}, test.{tgt} (one sentence per '
     'line, line i of one language translating line i of the other; UTF-8 '
-    'text, or gzipped as e.g. train.' + src + '.gz)'
+    f'text, or gzipped as e.g. train.{src}.gz)'
   )
 
 
