@@ -33,6 +33,7 @@ def data_config(task: str) -> ml_collections.ConfigDict:
   data.on_bad_line = 'error'  # Malformed anki lines: 'error' or 'skip'.
   data.seed = 0  # Shuffling seed.
   data.heldout_size = 100_000  # Validation pairs scored during training.
+  data.bleu_tokenize = ''  # sacreBLEU tokeniser ('' = zh or 13a by target).
   return data
 
 

@@ -1,7 +1,9 @@
 """Tests for the multi30k / anki / parallel_text TFDS builders in
 attnjax.data.translation."""
 
+import dataclasses
 import gzip
+import importlib.util
 import logging
 import os
 import pathlib
@@ -816,16 +818,16 @@ def test_translation_data_languages_from_the_command_line(given):
 
 
 @pytest.mark.parametrize(
-  'languages, reverse, target, chinese',
+  'languages, reverse, target, tokenizer',
   [
-    (('de', 'en'), False, 'en', False),
-    (('de', 'en'), True, 'de', False),
-    (('en', 'zh'), False, 'zh', True),
-    (('zh-Hans', 'en'), True, 'zh-Hans', True),
+    (('de', 'en'), False, 'en', '13a'),
+    (('de', 'en'), True, 'de', '13a'),
+    (('en', 'zh'), False, 'zh', 'zh'),
+    (('zh-Hans', 'en'), True, 'zh-Hans', 'zh'),
   ],
 )
 def test_parallel_text_target_language_picks_the_bleu_tokenizer(
-  languages, reverse, target, chinese
+  languages, reverse, target, tokenizer
 ):
   data = parallel.TranslationData(
     task='parallel_text',
@@ -834,9 +836,23 @@ def test_parallel_text_target_language_picks_the_bleu_tokenizer(
     reverse=reverse,
   )
   assert parallel.target_language(data) == target
-  assert parallel._is_chinese(target) == chinese
+  assert parallel.bleu_tokenizer(data) == tokenizer
+  # A tokeniser given by name wins over the language.
+  char = dataclasses.replace(data, bleu_tokenize='char')
+  assert parallel.bleu_tokenizer(char) == 'char'
   anki = parallel.TranslationData(task='anki_cmn', reverse=reverse)
   assert parallel.target_language(anki) == ('en' if reverse else 'zh')
+  assert parallel.bleu_tokenizer(anki) == ('13a' if reverse else 'zh')
+
+
+def test_unknown_or_unusable_bleu_tokenizer_is_refused():
+  with pytest.raises(ValueError, match=r"bleu_tokenize='nope'.*13a.*char"):
+    parallel.TranslationData(task='multi30k', bleu_tokenize='nope')
+  if importlib.util.find_spec('MeCab') is not None:
+    return  # ja-mecab can run here.
+  data = parallel.TranslationData(task='multi30k', bleu_tokenize='ja-mecab')
+  with pytest.raises(ValueError, match="'ja-mecab' cannot run here"):
+    parallel.bleu_tokenizer(data)
 
 
 # The shared copies.

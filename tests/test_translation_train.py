@@ -471,7 +471,7 @@ def test_heldout_width_is_the_smallest_bucket_that_holds_the_source():
 def test_bleu_cased_and_lowercased():
   refs = ['A dog runs in the snow .', 'Two men are talking .']
   hyps = ['a dog runs in the snow .', 'Two men are talking .']
-  scores = parallel.bleu(hyps, refs, chinese=False)
+  scores = parallel.bleu(hyps, refs)
   assert scores['bleu_lowercase'] == pytest.approx(100.0)
   assert scores['bleu'] < 100.0
   expected = sacrebleu.corpus_bleu(hyps, [refs]).score
@@ -481,10 +481,19 @@ def test_bleu_cased_and_lowercased():
 def test_bleu_of_chinese_uses_the_zh_tokenizer():
   refs = ['我们在公园里散步。', '他喜欢喝茶。']
   hyps = ['我们在公园散步。', '他喜欢喝茶。']
-  scores = parallel.bleu(hyps, refs, chinese=True)
+  scores = parallel.bleu(hyps, refs, tokenize='zh')
   expected = sacrebleu.corpus_bleu(hyps, [refs], tokenize='zh').score
   assert scores['bleu'] == pytest.approx(expected)
   # 13a would see each unsegmented sentence as one word.
+  assert expected != sacrebleu.corpus_bleu(hyps, [refs]).score
+
+
+def test_task_scores_with_the_configured_bleu_tokenizer(tfds_dir, tmp_path):
+  task = make_task(tfds_dir, tmp_path, bleu_tokenize='char')
+  refs = ['Ein Hund rennt im Schnee.', 'Zwei Männer reden.']
+  hyps = ['Ein Hund läuft im Schnee.', 'Zwei Männer reden.']
+  expected = sacrebleu.corpus_bleu(hyps, [refs], tokenize='char').score
+  assert task.score(hyps, refs)['bleu'] == pytest.approx(expected)
   assert expected != sacrebleu.corpus_bleu(hyps, [refs]).score
 
 

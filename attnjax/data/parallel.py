@@ -135,6 +135,10 @@ class TranslationData:
       raw lines that are not UTF-8 / not 2- or 3-column (anki).
     seed: the shuffling seed.
     heldout_size: validation pairs scored during training (at most all).
+    bleu_tokenize: sacreBLEU's tokeniser for both BLEU scores: '' picks
+      'zh' for a Chinese target and '13a' otherwise; or one of
+      `sacrebleu.BLEU.TOKENIZERS`, e.g. 'char' for Japanese or Thai, whose
+      words are not separated by spaces either.
   """
 
   task: str
@@ -155,6 +159,7 @@ class TranslationData:
   on_bad_line: str = 'error'
   seed: int = 0
   heldout_size: int = 100_000
+  bleu_tokenize: str = ''
 
   def __post_init__(self):
     def need(ok: bool, field: str, requirement: str) -> None:
@@ -215,6 +220,12 @@ class TranslationData:
       )
     for field in ('reverse', 'joint_vocab'):
       need(isinstance(getattr(self, field), bool), field, 'True or False')
+    need(
+      self.bleu_tokenize in ('', *sacrebleu.BLEU.TOKENIZERS),
+      'bleu_tokenize',
+      "'' (by the target language) or one of sacreBLEU's tokenisers: "
+      f'{", ".join(sacrebleu.BLEU.TOKENIZERS)}',
+    )
 
   @classmethod
   def from_config(cls, data) -> 'TranslationData':
@@ -261,8 +272,7 @@ def _is_int(value: Any, minimum: int) -> bool:
 
 
 def target_language(data: TranslationData) -> str:
-  """The target's language code ('en', 'zh', ...), which picks the BLEU
-  tokeniser."""
+  """The target's language code ('en', 'zh', ...)."""
   if data.task == 'parallel_text':
     return data.languages[0 if data.reverse else 1]
   dataset = TASKS[data.task][0]
@@ -275,13 +285,38 @@ def _is_chinese(code: str) -> bool:
   return re.split('[-_]', code, maxsplit=1)[0].lower() in ('zh', 'cmn')
 
 
+def bleu_tokenizer(data: TranslationData) -> str:
+  """The sacreBLEU tokeniser of `data`'s scores (see `bleu_tokenize`).
+
+  Raises:
+    ValueError: a tokeniser that cannot run here (e.g. 'ja-mecab' without
+      its extra packages, or 'flores101' without network to fetch its
+      model), so that it fails before training rather than at the first
+      evaluation.
+  """
+  if not data.bleu_tokenize:
+    return 'zh' if _is_chinese(target_language(data)) else '13a'
+  try:
+    sacrebleu.BLEU(tokenize=data.bleu_tokenize)
+  except Exception as e:  # sacrebleu raises RuntimeError, OSError, ...
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip('.')
+    raise ValueError(
+      f'config.data.bleu_tokenize={data.bleu_tokenize!r} cannot run here: '
+      f"{why}. Install what it needs, or choose another tokeniser ('char' "
+      'needs nothing).'
+    ) from e
+  return data.bleu_tokenize
+
+
 def bleu(
-  hypotheses: Sequence[str], references: Sequence[str], *, chinese: bool
+  hypotheses: Sequence[str],
+  references: Sequence[str],
+  *,
+  tokenize: str = '13a',
 ) -> dict[str, float]:
   """sacreBLEU corpus BLEU: 'bleu' on cased, detokenised text (sacreBLEU's
-  standard) and 'bleu_lowercase' on lowercased text; both tokenised by 13a,
-  or by sacreBLEU's 'zh' tokeniser for Chinese."""
-  tokenize = 'zh' if chinese else '13a'
+  standard) and 'bleu_lowercase' on lowercased text; both tokenised by
+  `tokenize` (sacreBLEU's 13a by default, 'zh' for Chinese)."""
   hypotheses, references = list(hypotheses), [list(references)]
   cased = sacrebleu.corpus_bleu(hypotheses, references, tokenize=tokenize)
   lower = sacrebleu.corpus_bleu(
@@ -315,7 +350,7 @@ class TranslationTask:
     self.data = data
     self.name = data.task
     self.dataset, self.splits = TASKS[data.task]
-    self._target_lang = target_language(data)
+    self._bleu_tokenize = bleu_tokenizer(data)
     self.max_source_len = data.max_source_len
     self.max_target_len = data.max_target_len
     self.vocab_dir = pathlib.Path(vocab_dir)
@@ -571,7 +606,7 @@ class TranslationTask:
     self, predictions: Sequence[str], references: Sequence[str]
   ) -> dict[str, float]:
     """Corpus BLEU of `predictions` against one reference each."""
-    return bleu(predictions, references, chinese=_is_chinese(self._target_lang))
+    return bleu(predictions, references, tokenize=self._bleu_tokenize)
 
   # The training stream.
 
