@@ -19,7 +19,9 @@ def data_config(task: str) -> ml_collections.ConfigDict:
   data.reverse = False  # Translate the other way.
   data.source_dir = ''  # Raw files ('' = $ATTNJAX_DATA_DIR, or download).
   data.languages = ()  # parallel_text only: (source, target), e.g. de,en.
-  data.tfds_dir = ''  # Where TFDS writes prepared splits ('' = its default).
+  # Where TFDS writes prepared splits ('' = its default; for parallel_text,
+  # WORKDIR/tfds).
+  data.tfds_dir = ''
   data.train_split = 'train'  # TFDS split expression, e.g. 'train[:2000]'.
   data.vocab_size = 8000  # SentencePiece ids per vocabulary (4 special).
   data.joint_vocab = True  # One vocabulary for both languages.

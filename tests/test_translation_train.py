@@ -734,6 +734,33 @@ def test_own_corpus_trains_evaluates_and_decodes(tmp_path, capsys):
   assert "no 'test' split" in err and 'test.de / test.en' in err
 
 
+def test_own_corpora_are_prepared_in_their_workdirs(tmp_path):
+  """Without config.data.tfds_dir, each parallel_text run prepares its
+  corpus in WORKDIR/tfds: two corpora of one language pair never meet in
+  TFDS's shared default folder, where the second would be refused."""
+  for name, lines in (('a', 120), ('b', 150)):
+    corpus = tmp_path / f'corpus_{name}'
+    corpus.mkdir()
+    for split, stem in (('train', 'train'), ('validation', 'val')):
+      for lang in ('de', 'en'):
+        data = _multi30k_head(f'{stem}.{lang}.gz', lines)
+        (corpus / f'{split}.{lang}').write_bytes(data)
+    workdir = tmp_path / f'run_{name}'
+    data = dict(
+      task='parallel_text',
+      source_dir=str(corpus),
+      languages=('de', 'en'),
+      vocab_size=200,
+      max_source_len=40,
+      max_target_len=40,
+      buckets=(20, 40),
+    )
+    task = parallel.TranslationTask.create(data, workdir)
+    assert task.tfds_dir == str(workdir / 'tfds')
+    assert (workdir / 'tfds' / 'parallel_text').is_dir()
+    assert len(task.pairs('train')) == lines
+
+
 def test_languages_are_part_of_the_model_identity(tmp_path):
   """A workdir's config.json from before config.data.languages is not a
   changed field; other languages are (a checkpoint of de->en is not one

@@ -114,7 +114,9 @@ class TranslationData:
       language codes, which name its files: ('de', 'en') reads train.de,
       train.en, ... A single 'de,en' string (as `--config.data.languages=
       de,en` gives) is split by `from_config`.
-    tfds_dir: where TFDS writes the prepared splits ('' = TFDS's default).
+    tfds_dir: where TFDS writes the prepared splits ('' = TFDS's default,
+      and for parallel_text `WORKDIR/tfds`: a corpus is the user's own, so
+      two runs' corpora must not meet in one shared folder).
     train_split: a TFDS split expression, e.g. 'train' or 'train[:2000]'.
     vocab_size: ids per SentencePiece vocabulary, special ids included.
     joint_vocab: one vocabulary for both languages, else one each.
@@ -335,6 +337,8 @@ class TranslationTask:
     vocab: the target vocabulary (what decoded outputs are read with).
     max_source_len, max_target_len: the model's input width and the longest
       decoded output, EOS included.
+    tfds_dir: where TFDS prepares the dataset (None: TFDS's default); see
+      `TranslationData.tfds_dir`.
   """
 
   # The names of the scores `score` returns.
@@ -354,6 +358,11 @@ class TranslationTask:
     self.max_source_len = data.max_source_len
     self.max_target_len = data.max_target_len
     self.vocab_dir = pathlib.Path(vocab_dir)
+    # vocab_dir is WORKDIR/vocab (see `create`): a corpus of one's own is
+    # prepared beside it.
+    self.tfds_dir = data.tfds_dir or None
+    if self.tfds_dir is None and data.task == 'parallel_text':
+      self.tfds_dir = str(self.vocab_dir.parent / 'tfds')
     self._train: tuple[list[np.ndarray], list[np.ndarray]] | None = None
     if train_vocab:
       self._build_dataset()
@@ -386,7 +395,7 @@ class TranslationTask:
     return translation_lib.load_pairs(
       self.dataset,
       split,
-      data_dir=self.data.tfds_dir or None,
+      data_dir=self.tfds_dir,
       reverse=self.data.reverse,
       **kwargs,
     )
