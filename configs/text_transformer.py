@@ -1,4 +1,4 @@
-"""Your own parallel corpus with the base Transformer of
+"""Your own parallel corpus with the Transformer and training schedule of
 multi30k_transformer.py (d_model 256, 3 + 3 layers, 8 heads, feed-forward
 512).
 
@@ -16,25 +16,17 @@ Scale num_train_steps and vocab_size to the corpus: these fit ~30k pairs.
 
 import ml_collections
 
-from configs import translation
+from configs import multi30k_transformer, translation
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
-  tiny = translation.parse_tiny(variant)
-  config = translation.get_config('parallel_text', 'transformer')
+  config = multi30k_transformer.get_config(variant)
+  config.data.task = 'parallel_text'  # Your own corpus.
   config.data.source_dir = ''  # Required: the corpus folder.
   config.data.languages = ()  # Required: (source, target), e.g. de,en.
-  config.data.vocab_size = 8000  # Joint pieces, tied embeddings.
-  config.batch_size = 128  # Sentence pairs per step.
-  config.num_train_steps = 2400  # About 10 epochs of 30k pairs.
-  config.optimizer.learning_rate = 7e-4  # Peak.
-  config.optimizer.warmup_steps = 400  # Linear warmup.
-  config.optimizer.schedule = 'cosine'  # Then cosine decay to 0.
-  config.log_every_steps = 100  # Train metrics and console progress.
-  config.eval_every_steps = 1200  # Validation BLEU (and at the end).
-  config.checkpoint_every_steps = 400  # Checkpoints (and at the end).
-  if tiny:
-    translation.make_tiny(config)
+  if not translation.parse_tiny(variant):
+    config.data.vocab_size = 8000  # Joint pieces, tied embeddings.
+  else:
     # The corpus's size is unknown, and tfds refuses 'train[:2000]' of a
     # shorter split: the tiny variant is meant for a tiny corpus.
     config.data.train_split = 'train'

@@ -207,6 +207,18 @@ def _encode_and_start(model, variables, inputs, lengths=None):
   return encoded, state
 
 
+def _step_logits(model, variables, state, tokens) -> np.ndarray:
+  """`[time, batch, vocab]` logits of `decode_step` fed `tokens[:, t]` in
+  turn from `state`."""
+  got = []
+  for t in range(tokens.shape[1]):
+    logits, state = model.apply(
+      variables, jnp.asarray(tokens[:, t]), state, method='decode_step'
+    )
+    got.append(logits)
+  return np.stack(got)
+
+
 @functools.cache
 def _compiled(cell, decoder, bidirectional, overrides=()) -> _Compiled:
   model = _model(cell, decoder, bidirectional, **dict(overrides))
@@ -800,12 +812,7 @@ def test_decoder_steps_match_the_papers_equations(decoder):
   inputs, targets, lengths = _batch()
   encoded, state = _encode_and_start(model, variables, inputs, lengths)
   tokens = np.concatenate([np.full((B, 1), BOS), targets[:, :2]], 1)
-  got = []
-  for t in range(tokens.shape[1]):
-    logits, state = model.apply(
-      variables, jnp.asarray(tokens[:, t]), state, method='decode_step'
-    )
-    got.append(logits)
+  got = _step_logits(model, variables, state, tokens)
 
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
   d = p['decoder']
@@ -837,7 +844,7 @@ def test_decoder_steps_match_the_papers_equations(decoder):
     expected.append(
       hidden @ d['output_proj']['kernel'] + d['output_proj']['bias']
     )
-  np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-5)
+  np.testing.assert_allclose(got, np.stack(expected), atol=1e-5)
 
 
 def _np_lstm(p, x, carry):
@@ -910,12 +917,7 @@ def test_rnn_decoders_without_attention_match_the_papers_equations(
   inputs, targets, lengths = _batch(lengths=(S, 3, 1))
   _, state = _encode_and_start(model, variables, inputs, lengths)
   tokens = np.concatenate([np.full((B, 1), BOS), targets[:, :3]], 1)
-  got = []
-  for t in range(tokens.shape[1]):
-    logits, state = model.apply(
-      variables, jnp.asarray(tokens[:, t]), state, method='decode_step'
-    )
-    got.append(logits)
+  got = _step_logits(model, variables, state, tokens)
 
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
   d = p['decoder']
@@ -941,7 +943,7 @@ def test_rnn_decoders_without_attention_match_the_papers_equations(
       maxout = features @ d['maxout_proj']['kernel'] + d['maxout_proj']['bias']
       x = maxout.reshape(B, -1, 2).max(-1)
     expected.append(x @ d['output_proj']['kernel'] + d['output_proj']['bias'])
-  np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-5)
+  np.testing.assert_allclose(got, np.stack(expected), atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -849,7 +849,7 @@ def test_unknown_or_unusable_bleu_tokenizer_is_refused():
   with pytest.raises(ValueError, match=r"bleu_tokenize='nope'.*13a.*char"):
     parallel.TranslationData(task='multi30k', bleu_tokenize='nope')
   if importlib.util.find_spec('MeCab') is not None:
-    return  # ja-mecab can run here.
+    pytest.skip('MeCab is installed: ja-mecab can run here.')
   data = parallel.TranslationData(task='multi30k', bleu_tokenize='ja-mecab')
   with pytest.raises(ValueError, match="'ja-mecab' cannot run here"):
     parallel.bleu_tokenizer(data)
