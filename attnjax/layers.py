@@ -21,7 +21,6 @@ import jax.numpy as jnp
 
 from attnjax import attention as attn_lib
 from attnjax import masks, scores
-from attnjax.dropout import Dropout
 
 Array = jax.Array
 ScoreFn = Callable[..., Array]
@@ -516,7 +515,7 @@ class MultiHeadAttention(nn.Module):
       weights = masks.masked_softmax(logits, mask)
       self.sow('intermediates', 'attention_weights', weights)
       if dropout:
-        weights = Dropout(self.dropout_rate)(weights, deterministic=False)
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
       context = attn_lib.weighted_sum(weights, v)
     return jnp.swapaxes(context, -3, -2)
 

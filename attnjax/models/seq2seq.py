@@ -67,7 +67,6 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks
-from attnjax.dropout import Dropout
 from attnjax.models import _config_checks as checks
 from attnjax.models import rnn_attention
 
@@ -383,7 +382,7 @@ class Encoder(nn.Module):
     chex.assert_type(inputs, int)
     chex.assert_shape(source_lengths, inputs.shape[:1])
     mask = masks.length_mask(source_lengths, inputs.shape[1])[..., None]
-    dropout = Dropout(config.dropout_rate, deterministic=not train)
+    dropout = nn.Dropout(config.dropout_rate, deterministic=not train)
     if config.reverse_source:
       order = reversed_order(source_lengths, inputs.shape[1])
       inputs = jnp.take_along_axis(inputs, order, axis=1)
@@ -464,7 +463,7 @@ class Decoder(nn.Module):
     config = self.config
     self.embed = _embed(config.target_vocab_size, config)
     self.cells = [_cell(config) for _ in range(config.num_layers)]
-    self.dropout = Dropout(config.dropout_rate)
+    self.dropout = nn.Dropout(config.dropout_rate)
 
   def initial_state(
     self, encoded: tuple[Array, tuple[Carry, ...]], source_mask: Array

@@ -39,7 +39,6 @@ import jax.numpy as jnp
 
 from attnjax import attention as attn_lib
 from attnjax import layers, masks, scores
-from attnjax.dropout import Dropout
 from attnjax.models import _config_checks as checks
 
 Array = jax.Array
@@ -244,7 +243,7 @@ class FeedForward(nn.Module):
       bias_init=_bias_init(('embed',)),
       name='wo',
     )
-    dropout = Dropout(config.mlp_dropout_rate, deterministic=not train)
+    dropout = nn.Dropout(config.mlp_dropout_rate, deterministic=not train)
     return _flat(wo, dropout(nn.relu(_flat(wi, x))))
 
 
@@ -257,7 +256,7 @@ class Sublayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, fn, *, train: bool) -> Array:
     norm = _layer_norm(self.config, name='norm')
-    dropout = Dropout(self.config.dropout_rate, deterministic=not train)
+    dropout = nn.Dropout(self.config.dropout_rate, deterministic=not train)
     if self.config.pre_ln:
       return x + dropout(fn(norm(x)))
     return norm(x + dropout(fn(x)))
@@ -330,7 +329,7 @@ class DecoderAttention(nn.Module):
       num_heads=config.num_heads,
       dtype=config.dtype,
     )
-    self.dropout = Dropout(config.attention_dropout_rate)
+    self.dropout = nn.Dropout(config.attention_dropout_rate)
 
   def keys_values(self, x: Array) -> tuple[Array, Array]:
     """`x [batch, length, d_model]` -> keys, values `[batch, length, heads,
@@ -492,7 +491,7 @@ class Transformer(nn.Module):
     if config.pre_ln:
       self.encoder_norm = _layer_norm(config)
       self.decoder_norm = _layer_norm(config)
-    self.dropout = Dropout(config.dropout_rate)
+    self.dropout = nn.Dropout(config.dropout_rate)
 
   # Pieces shared by the full pass and the cached steps.
 
