@@ -6,8 +6,10 @@
   attnjax plot --workdir DIR --input "Zwei Hunde spielen im Schnee." --out PATH
       [--long_input {error,truncate}] [--layer L] [--head H]
 
-All take --beam_size K (1, the default, is greedy search) and --alpha A
-(the GNMT length-penalty exponent of beam search).
+All take --beam_size K (1, the default, is greedy search), and for beam
+search --alpha A (the GNMT length-penalty exponent) and --coverage_weight B
+(GNMT's coverage penalty: B times the sum over source tokens of
+log(min(attention received, 1)); models with attention only).
 
 `evaluate` prints the held-out metrics as JSON (loss, perplexity, token
 accuracy and the task's scores: exact_match for the synthetic tasks, bleu and
@@ -171,6 +173,14 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     help='length penalty ((5 + len) / 6) ** alpha of beam search '
     '(--beam_size > 1); 0 turns it off',
   )
+  parser.add_argument(
+    '--coverage_weight',
+    type=float,
+    default=0.0,
+    help="weight of beam search's coverage penalty, which favours outputs "
+    'whose attention covers every source token (--beam_size > 1; a model '
+    'with attention); 0 turns it off',
+  )
 
 
 def _default_split(task) -> str:
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   # Imported late so that `attnjax --help` is instant.
-  from attnjax import train_lib
+  from attnjax import decoding, train_lib
   from attnjax.training import checkpoints
 
   checkpoints.quiet_orbax_logs(logging.ERROR)
@@ -198,10 +208,15 @@ def main(argv: list[str] | None = None) -> int:
       args.layer is not None or args.head != MEAN_HEAD
     ):
       raise ValueError('--layer and --head choose what --plot draws; add it.')
+    search = dict(
+      beam_size=args.beam_size,
+      alpha=args.alpha,
+      coverage_weight=args.coverage_weight,
+    )
+    decoding.check_search(**search)  # Also before the model load.
     exp, params = train_lib.load_trained(
       args.workdir, long_input=getattr(args, 'long_input', None)
     )
-    search = dict(beam_size=args.beam_size, alpha=args.alpha)
     if plot_path is not None:
       # Decodes once: the printed outputs are the plotted ones.
       maps = plotting.attention_maps(

@@ -88,6 +88,14 @@ def _check_alpha(alpha: float) -> None:
     )
 
 
+def _check_coverage_weight(coverage_weight: float) -> None:
+  if not (math.isfinite(coverage_weight) and coverage_weight >= 0):
+    raise ValueError(
+      f'coverage_weight must be a finite number >= 0 (0 turns the coverage '
+      f'penalty off); got {coverage_weight}.'
+    )
+
+
 def _check_rows(tree: Any, rows: int, name: str, fix: str) -> None:
   """Every leaf of `tree` has `rows` as its leading dim."""
   for path, leaf in jax.tree.leaves_with_path(tree):
@@ -265,10 +273,7 @@ def beam_search(
   n = beam_size if num_return is None else num_return
   _check_positive(batch_size=batch_size, beam_size=beam_size, max_len=max_len)
   _check_alpha(alpha)
-  if not (math.isfinite(coverage_weight) and coverage_weight >= 0):
-    raise ValueError(
-      f'coverage_weight must be a finite number >= 0; got {coverage_weight}.'
-    )
+  _check_coverage_weight(coverage_weight)
   if coverage_weight > 0 and attention_fn is None:
     raise ValueError(
       'coverage_weight > 0 needs the attention weights of each step: pass '
@@ -406,7 +411,9 @@ def beam_search(
 # Searching a model.
 
 
-def check_search(beam_size: int, alpha: float) -> None:
+def check_search(
+  beam_size: int, alpha: float, coverage_weight: float = 0.0
+) -> None:
   """Fails early (before tracing) on settings the searches refuse."""
   if not isinstance(beam_size, int) or beam_size < 1:
     raise ValueError(
@@ -414,12 +421,19 @@ def check_search(beam_size: int, alpha: float) -> None:
       f'{beam_size!r}.'
     )
   _check_alpha(alpha)
+  _check_coverage_weight(coverage_weight)
+  # Greedy search keeps one hypothesis, so a penalty has nothing to rank.
   if beam_size == 1 and alpha:
-    # Greedy search keeps one hypothesis, so there is nothing to rank.
     raise ValueError(
       f'alpha={alpha} would be ignored: the length penalty ranks beam-search '
       'hypotheses, and beam_size=1 is greedy search. Give beam_size > 1, or '
       'alpha=0.'
+    )
+  if beam_size == 1 and coverage_weight:
+    raise ValueError(
+      f'coverage_weight={coverage_weight} would be ignored: the coverage '
+      'penalty ranks beam-search hypotheses, and beam_size=1 is greedy '
+      'search. Give beam_size > 1, or coverage_weight=0.'
     )
 
 
@@ -457,7 +471,7 @@ def decode_model(
   `max_decode_len` attribute. The special ids are those of `model.config`
   (`pad_id`, `bos_id`, `eos_id`) when it has them, else the vocabulary's.
   """
-  check_search(beam_size, alpha)
+  check_search(beam_size, alpha, coverage_weight)
   ids = special_ids(model)
   limit = getattr(model, 'max_decode_len', None)
   if limit is not None and max_len > limit:
@@ -484,7 +498,7 @@ def decode_model(
     return jax.nn.log_softmax(logits), state
 
   batch_size = inputs.shape[0]
-  if beam_size == 1 and coverage_weight == 0:
+  if beam_size == 1:
     return greedy_search(
       step_fn, state, batch_size=batch_size, max_len=max_len, **ids
     ).tokens

@@ -272,6 +272,7 @@ def attention_maps(
   *,
   beam_size: int = 1,
   alpha: float = 0.0,
+  coverage_weight: float = 0.0,
   layer: int | None = None,
   head: int | str = MEAN,
 ) -> list[AttentionMap]:
@@ -286,7 +287,7 @@ def attention_maps(
       (checked before decoding), a bad source string, or bad search
       settings.
   """
-  decoding.check_search(beam_size, alpha)
+  decoding.check_search(beam_size, alpha, coverage_weight)
   layer, head = check_records_weights(exp, layer=layer, head=head)
   task, model = exp.task, exp.model
   inputs = train_lib.source_batch(task, sources)
@@ -299,6 +300,7 @@ def attention_maps(
       max_len=task.max_target_len,
       beam_size=beam_size,
       alpha=alpha,
+      coverage_weight=coverage_weight,
     )
     weights = teacher_forced_weights(model, params, inputs, tokens)
     return tokens, select_weights(weights, layer, head)

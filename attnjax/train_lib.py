@@ -681,9 +681,10 @@ def search(
   max_len: int,
   beam_size: int = 1,
   alpha: float = 0.0,
+  coverage_weight: float = 0.0,
 ) -> Array:
   """Output tokens `[batch, max_len]` of greedy (beam_size 1) or beam search
-  (see `decoding.decode_model`)."""
+  with GNMT's length and coverage penalties (see `decoding.decode_model`)."""
   return decoding.decode_model(
     model,
     {'params': params},
@@ -691,12 +692,19 @@ def search(
     max_len=max_len,
     beam_size=beam_size,
     alpha=alpha,
+    coverage_weight=coverage_weight,
   )
 
 
-def make_eval_step(exp: Experiment, *, beam_size: int = 1, alpha: float = 0.0):
+def make_eval_step(
+  exp: Experiment,
+  *,
+  beam_size: int = 1,
+  alpha: float = 0.0,
+  coverage_weight: float = 0.0,
+):
   """Teacher-forced metrics and decoded tokens of one held-out batch."""
-  decoding.check_search(beam_size, alpha)
+  decoding.check_search(beam_size, alpha, coverage_weight)
   model, pad_id = exp.model, vocab_lib.PAD_ID
 
   def eval_step(params, batch):
@@ -711,6 +719,7 @@ def make_eval_step(exp: Experiment, *, beam_size: int = 1, alpha: float = 0.0):
       max_len=exp.task.max_target_len,
       beam_size=beam_size,
       alpha=alpha,
+      coverage_weight=coverage_weight,
     )
     return sums, tokens
 
@@ -744,6 +753,7 @@ def evaluate(
   show: int = 0,
   beam_size: int = 1,
   alpha: float = 0.0,
+  coverage_weight: float = 0.0,
 ) -> dict[str, Any]:
   """Held-out metrics: teacher-forced loss, perplexity and token accuracy,
   and the task's scores of the greedy (beam_size 1) or beam-search outputs
@@ -755,7 +765,9 @@ def evaluate(
     heldout = exp.heldout_set
   else:
     heldout = exp.heldout(split, num_examples)
-  eval_step = eval_step or make_eval_step(exp, beam_size=beam_size, alpha=alpha)
+  eval_step = eval_step or make_eval_step(
+    exp, beam_size=beam_size, alpha=alpha, coverage_weight=coverage_weight
+  )
   vocab = exp.task.target_vocab
   totals: dict[str, float] = {}
   predictions = []
@@ -1153,9 +1165,10 @@ def decode(
   *,
   beam_size: int = 1,
   alpha: float = 0.0,
+  coverage_weight: float = 0.0,
 ) -> list[str]:
   """The model's outputs for raw source strings (greedy or beam search)."""
-  decoding.check_search(beam_size, alpha)
+  decoding.check_search(beam_size, alpha, coverage_weight)
   task, vocab = exp.task, exp.task.vocab
   inputs = source_batch(task, sources)
   run = functools.partial(
@@ -1164,6 +1177,7 @@ def decode(
     max_len=task.max_target_len,
     beam_size=beam_size,
     alpha=alpha,
+    coverage_weight=coverage_weight,
   )
   tokens = jax.jit(run)(params, jnp.asarray(inputs))
   return [vocab.decode(row) for row in np.asarray(tokens).tolist()]

@@ -2,8 +2,8 @@
 
   python bench/translation_results.py \\
       --workdirs=workdirs/multi30k_transformer,workdirs/multi30k_bahdanau \\
-      [--split=test] [--beams=1,4] [--alpha=0.6] [--show=4]
-      [--num_examples=N] [--input=SENTENCE ...]
+      [--split=test] [--beams=1,4] [--alpha=0.6] [--coverage_weights=0,0.2]
+      [--show=4] [--num_examples=N] [--input=SENTENCE ...]
 
 For each workdir (trained by `train.py`) and each beam size, decodes the
 whole split and prints sacreBLEU corpus BLEU on cased, detokenised text
@@ -12,7 +12,9 @@ Chinese), the teacher-forced perplexity, the decoding time, and the training
 time and steps read from the run's `metrics.jsonl` (the sum of its logged
 windows: it includes any time the run waited for the CPU). `--input`
 sentences are decoded by every model with the largest of --beams.
-`--num_examples` scores only the first N sentences of the split.
+`--num_examples` scores only the first N sentences of the split. Each beam
+size above 1 is run with each of `--coverage_weights` (GNMT's coverage
+penalty; 0 turns it off), side by side.
 """
 
 import json
@@ -33,6 +35,9 @@ _SPLIT = flags.DEFINE_enum(
 )
 _BEAMS = flags.DEFINE_list('beams', ['1', '4'], 'Beam sizes (1 = greedy).')
 _ALPHA = flags.DEFINE_float('alpha', 0.6, 'Length penalty of beam search.')
+_COVERAGE = flags.DEFINE_list(
+  'coverage_weights', ['0'], 'Coverage penalty weights of beam search.'
+)
 _INPUTS = flags.DEFINE_multi_string('input', [], 'Sentences to translate.')
 _SHOW = flags.DEFINE_integer(
   'show', 0, 'Example translations per model.', lower_bound=0
@@ -57,6 +62,33 @@ flags.register_validator(
   lambda alpha: math.isfinite(alpha) and alpha >= 0,
   'give a finite number >= 0 (0 turns the length penalty off).',
 )
+
+
+def _valid_weights(values: list[str]) -> bool:
+  try:
+    return bool(values) and all(
+      math.isfinite(float(w)) and float(w) >= 0 for w in values
+    )
+  except ValueError:
+    return False
+
+
+flags.register_validator(
+  'coverage_weights',
+  _valid_weights,
+  'give finite numbers >= 0 (0 turns the coverage penalty off), e.g. '
+  '--coverage_weights=0,0.2.',
+)
+
+
+def _searches(beams: list[int], alpha: float, weights: list[float]):
+  """(beam_size, alpha, coverage_weight) of every row: greedy search once,
+  each larger beam with each coverage weight."""
+  for beam in beams:
+    if beam == 1:
+      yield 1, 0.0, 0.0
+    else:
+      yield from ((beam, alpha, w) for w in weights)
 
 
 def _check_workdirs(workdirs: list[pathlib.Path]) -> None:
@@ -96,6 +128,7 @@ def main(argv):
   workdirs = [pathlib.Path(w) for w in _WORKDIRS.value]
   _check_workdirs(workdirs)
   beams = [int(b) for b in _BEAMS.value]
+  weights = [float(w) for w in _COVERAGE.value]
   rows, examples = [], []
   for workdir in workdirs:
     try:
@@ -104,17 +137,21 @@ def main(argv):
       raise app.UsageError(f'--workdirs: {e}') from None
     steps, seconds = _training_time(workdir)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    for beam in beams:
+    for beam, alpha, weight in _searches(beams, _ALPHA.value, weights):
       start = time.perf_counter()
-      result = train_lib.evaluate(
-        exp,
-        params,
-        split=_SPLIT.value,
-        num_examples=_NUM.value or None,
-        beam_size=beam,
-        alpha=_ALPHA.value if beam > 1 else 0.0,
-        show=_SHOW.value,
-      )
+      try:
+        result = train_lib.evaluate(
+          exp,
+          params,
+          split=_SPLIT.value,
+          num_examples=_NUM.value or None,
+          beam_size=beam,
+          alpha=alpha,
+          coverage_weight=weight,
+          show=_SHOW.value,
+        )
+      except ValueError as e:  # A model without attention and a weight > 0.
+        raise app.UsageError(f'{workdir}: {e}') from None
       rows.append(
         (
           workdir.name,
@@ -122,13 +159,17 @@ def main(argv):
           str(result['num_examples']),
           f'{steps} ({seconds / 60:.0f} min)',
           str(beam),
+          f'{weight:g}',
           f'{result["bleu"]:.2f}',
           f'{result["bleu_lowercase"]:.2f}',
           f'{result["perplexity"]:.2f}',
           f'{time.perf_counter() - start:.0f} s',
         )
       )
-      examples += [(workdir.name, beam, *e) for e in result.get('examples', [])]
+      examples += [
+        (f'{workdir.name} beam {beam} coverage {weight:g}', *e)
+        for e in result.get('examples', [])
+      ]
     if _INPUTS.value:
       beam = max(beams)
       alpha = _ALPHA.value if beam > 1 else 0.0
@@ -144,6 +185,7 @@ def main(argv):
     'sentences',
     'train steps (time)',
     'beam',
+    'coverage',
     'bleu',
     'bleu_lc',
     'ppl',
@@ -153,8 +195,8 @@ def main(argv):
   print('|' + '---|' * len(header))
   for row in rows:
     print('| ' + ' | '.join(row) + ' |')
-  for name, beam, source, reference, output in examples:
-    print(f'{name} beam {beam}: {source!r} -> {output!r} (ref {reference!r})')
+  for name, source, reference, output in examples:
+    print(f'{name}: {source!r} -> {output!r} (ref {reference!r})')
 
 
 if __name__ == '__main__':

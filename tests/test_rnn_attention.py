@@ -388,6 +388,12 @@ def test_location_score_refuses_longer_sources_when_traced():
     (dict(alpha=-0.5), 'alpha, the GNMT length-penalty exponent, must be a'),
     (dict(alpha=float('nan')), 'must be a finite number >= 0 .*got nan'),
     (dict(beam_size=1, alpha=0.6), 'alpha=0.6 would be ignored.*greedy'),
+    (dict(coverage_weight=-1.0), 'coverage_weight must be a finite number'),
+    (dict(coverage_weight=float('inf')), 'coverage_weight must be a finite'),
+    (
+      dict(beam_size=1, coverage_weight=0.2),
+      'coverage_weight=0.2 would be ignored.*greedy',
+    ),
   ],
 )
 def test_bad_search_settings(kwargs, message):

@@ -949,6 +949,11 @@ def test_cli_beam_search(trained, capsys):
     (['--alpha', 'nan'], 'alpha.* must be a finite number >= 0 .*got nan'),
     # Greedy search has nothing for a length penalty to rank.
     (['--alpha', '0.6'], 'alpha=0.6 would be ignored.*beam_size > 1'),
+    (
+      ['--beam_size', '2', '--coverage_weight', '-0.5'],
+      'coverage_weight must be a finite number >= 0',
+    ),
+    (['--coverage_weight', '0.2'], 'coverage_weight=0.2 would be ignored'),
   ],
 )
 def test_cli_bad_search_flags(trained, capsys, flags, message):
@@ -956,3 +961,36 @@ def test_cli_bad_search_flags(trained, capsys, flags, message):
   args = ['decode', '--workdir', str(workdir), '--input', '1+2', *flags]
   assert cli.main(args) == 2
   assert re.search(message, capsys.readouterr().err)
+  # Refused before the model is loaded: a missing workdir is not reached.
+  args[2] = str(workdir / 'missing')
+  assert cli.main(args) == 2
+  assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_coverage_penalty_reaches_the_search(
+  trained, tmp_path, capsys, monkeypatch
+):
+  """decode, evaluate and plot pass --beam_size, --alpha and
+  --coverage_weight to the model's beam search."""
+  workdir, _ = trained
+  searches = []
+  decode_model = decoding.decode_model
+
+  def recording(*args, **kwargs):
+    searches.append({k: kwargs[k] for k in ('beam_size', 'alpha')})
+    searches[-1]['coverage_weight'] = kwargs.get('coverage_weight', 0.0)
+    return decode_model(*args, **kwargs)
+
+  monkeypatch.setattr(decoding, 'decode_model', recording)
+  flags = ['--beam_size', '3', '--alpha', '0.6', '--coverage_weight', '0.4']
+  source = ['--workdir', str(workdir), '--input', '12+34']
+  for argv in (
+    ['decode', *source, *flags],
+    ['evaluate', '--workdir', str(workdir), '--num_examples', '4', *flags],
+    ['plot', *source, '--out', str(tmp_path / 'a.png'), *flags],
+  ):
+    searches.clear()
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    expected = dict(beam_size=3, alpha=0.6, coverage_weight=0.4)
+    assert searches and all(s == expected for s in searches), argv
+  capsys.readouterr()

@@ -21,7 +21,7 @@ from search_oracles import (
   reference_nbest,
 )
 
-from attnjax import decoding
+from attnjax import decoding, plotting
 from attnjax.models.transformer import Transformer, TransformerConfig
 
 SRC_VOCAB, TGT_VOCAB = 14, 12
@@ -231,6 +231,48 @@ def test_decode_model_greedy_and_beam(variant):
   assert_matches(result, expected, T)
   np.testing.assert_array_equal(tokens, result.tokens[:, 0])
   assert (tokens != greedy).any()  # The beam found something greedy did not.
+
+
+def test_beam_search_with_coverage_penalty():
+  """The coverage penalty reads the last decoder layer's cross-attention,
+  averaged over the heads, from the cache. Beam search with it returns what
+  a numpy beam search returns on the full pass's log-probs and attention:
+  the same best hypothesis, its attention and GNMT's score."""
+  variant = VARIANTS[0]
+  model, variables, (inputs, _), _, _, _ = _compiled(variant)
+
+  @jit
+  def forward(targets):
+    logits, state = model.apply(
+      variables, inputs, targets, train=False, mutable=['intermediates']
+    )
+    # [batch, layers, heads, target, source] -> the last layer's mean.
+    weights = plotting.find_attention_weights(state['intermediates'])
+    return logits, weights[:, -1].mean(axis=1)
+
+  oracle = TeacherForced(
+    forward,
+    rows=B,
+    max_len=T,
+    vocab=model.config.target_vocab_size,
+    source_mask=inputs != PAD,
+  )
+  beam_size, penalties = 3, dict(alpha=0.6, coverage_weight=3.0)
+  expected = [
+    reference_nbest(oracle, row, beam_size, 1, **penalties) for row in range(B)
+  ]
+  tokens, result = jit(
+    decode_model_and_beam(model, max_len=T, beam_size=beam_size, **penalties)
+  )(variables, inputs)
+  assert_matches(result, expected, T)
+  np.testing.assert_array_equal(tokens, result.tokens[:, 0])
+  # The penalty changes at least one row's best hypothesis.
+  alpha = dict(alpha=penalties['alpha'])
+  assert any(
+    reference_nbest(oracle, row, beam_size, 1, **alpha)[0][2]
+    != expected[row][0][2]
+    for row in range(B)
+  )
 
 
 def test_decode_model_uses_the_model_special_ids():
