@@ -759,15 +759,22 @@ def evaluate(
   and the task's scores of the greedy (beam_size 1) or beam-search outputs
   (exact match for synthetic tasks, BLEU for translation).
 
-  `split` and `num_examples` default to the set scored during training.
+  `split` and `num_examples` default to the set scored during training. An
+  `eval_step` from `make_eval_step` brings its own search settings.
   """
+  search = dict(
+    beam_size=beam_size, alpha=alpha, coverage_weight=coverage_weight
+  )
+  if eval_step is not None and (beam_size != 1 or alpha or coverage_weight):
+    raise ValueError(
+      f'eval_step was built with its own search settings, so {search} would '
+      'be ignored; pass them to make_eval_step instead.'
+    )
   if split is None and num_examples is None:
     heldout = exp.heldout_set
   else:
     heldout = exp.heldout(split, num_examples)
-  eval_step = eval_step or make_eval_step(
-    exp, beam_size=beam_size, alpha=alpha, coverage_weight=coverage_weight
-  )
+  eval_step = eval_step or make_eval_step(exp, **search)
   vocab = exp.task.target_vocab
   totals: dict[str, float] = {}
   predictions = []

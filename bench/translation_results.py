@@ -11,7 +11,8 @@ whole split and prints sacreBLEU corpus BLEU on cased, detokenised text
 Chinese), the teacher-forced perplexity, the decoding time, and the training
 time and steps read from the run's `metrics.jsonl` (the sum of its logged
 windows: it includes any time the run waited for the CPU). `--input`
-sentences are decoded by every model with the largest of --beams.
+sentences are decoded by every model with the largest of --beams, without
+the coverage penalty.
 `--num_examples` scores only the first N sentences of the split. Each beam
 size above 1 is run with each of `--coverage_weights` (GNMT's coverage
 penalty; 0 turns it off), side by side.
@@ -27,6 +28,7 @@ from absl import app, flags
 
 from attnjax import train_lib
 from attnjax.data import parallel
+from attnjax.models import seq2seq
 from attnjax.training import checkpoints
 
 _WORKDIRS = flags.DEFINE_list('workdirs', [], 'Trained workdirs.')
@@ -91,18 +93,24 @@ def _searches(beams: list[int], alpha: float, weights: list[float]):
       yield from ((beam, alpha, w) for w in weights)
 
 
-def _check_workdirs(workdirs: list[pathlib.Path]) -> None:
+def _check_workdirs(workdirs: list[pathlib.Path], coverage: bool) -> None:
   """Refuses, before decoding anything, a workdir that is not a trained
-  translation run."""
+  translation run, or (`coverage`) whose model has no attention."""
   for workdir in workdirs:
     try:
-      task = train_lib.load_config(workdir).data.task
+      config = train_lib.load_config(workdir)
     except (FileNotFoundError, ValueError) as e:
       raise app.UsageError(f'--workdirs: {e}') from None
+    task, name = config.data.task, train_lib.model_name(config)
     if task not in parallel.TASKS:
       raise app.UsageError(
         f'--workdirs: {workdir} trained the {task} task; this script scores '
         f'translation runs ({", ".join(parallel.TASKS)}).'
+      )
+    if coverage and name not in ('transformer', *seq2seq.ATTENTION_DECODERS):
+      raise app.UsageError(
+        f'--coverage_weights: the coverage penalty needs attention, and the '
+        f'{name!r} decoder of {workdir} has none; give --coverage_weights=0.'
       )
 
 
@@ -126,9 +134,9 @@ def main(argv):
   if not _WORKDIRS.value:
     raise app.UsageError('give --workdirs=DIR[,DIR...]')
   workdirs = [pathlib.Path(w) for w in _WORKDIRS.value]
-  _check_workdirs(workdirs)
   beams = [int(b) for b in _BEAMS.value]
   weights = [float(w) for w in _COVERAGE.value]
+  _check_workdirs(workdirs, coverage=max(beams) > 1 and max(weights) > 0)
   rows, examples = [], []
   for workdir in workdirs:
     try:
@@ -139,19 +147,16 @@ def main(argv):
     n_params = sum(x.size for x in jax.tree.leaves(params))
     for beam, alpha, weight in _searches(beams, _ALPHA.value, weights):
       start = time.perf_counter()
-      try:
-        result = train_lib.evaluate(
-          exp,
-          params,
-          split=_SPLIT.value,
-          num_examples=_NUM.value or None,
-          beam_size=beam,
-          alpha=alpha,
-          coverage_weight=weight,
-          show=_SHOW.value,
-        )
-      except ValueError as e:  # A model without attention and a weight > 0.
-        raise app.UsageError(f'{workdir}: {e}') from None
+      result = train_lib.evaluate(
+        exp,
+        params,
+        split=_SPLIT.value,
+        num_examples=_NUM.value or None,
+        beam_size=beam,
+        alpha=alpha,
+        coverage_weight=weight,
+        show=_SHOW.value,
+      )
       rows.append(
         (
           workdir.name,

@@ -967,6 +967,21 @@ def test_cli_bad_search_flags(trained, capsys, flags, message):
   assert re.search(message, capsys.readouterr().err)
 
 
+def test_evaluate_refuses_search_settings_its_eval_step_would_ignore(
+  trained,
+):
+  workdir, _ = trained
+  exp, params = train_lib.load_trained(workdir)
+  step = train_lib.make_eval_step(exp)  # Greedy search.
+  for search in (
+    dict(beam_size=2),
+    dict(beam_size=2, alpha=0.6),
+    dict(beam_size=2, coverage_weight=0.2),
+  ):
+    with pytest.raises(ValueError, match='would be ignored; pass them to'):
+      train_lib.evaluate(exp, params, eval_step=step, **search)
+
+
 def test_cli_coverage_penalty_reaches_the_search(
   trained, tmp_path, capsys, monkeypatch
 ):
