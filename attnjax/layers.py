@@ -312,6 +312,8 @@ class MultiHeadAttention(nn.Module):
       parameters, as in flax, so 16-bit inputs with float32 parameters
       compute in float32).
     param_dtype: parameter dtype.
+    dot_general: the product of the four projections (None:
+      `lax.dot_general`), e.g. `attnjax.precision.bfloat16_dot_general`.
   """
 
   num_heads: int
@@ -329,6 +331,7 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable[..., Array] = _default_kernel_init
+  dot_general: Callable[..., Array] | None = None
 
   def _check_config(self, features: int) -> None:
     if self.num_heads < 1 or features % self.num_heads:
@@ -394,6 +397,7 @@ class MultiHeadAttention(nn.Module):
       use_bias=self.use_bias,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      dot_general=self.dot_general,
       kernel_init=nn.with_logical_partitioning(
         self.kernel_init, ('embed', 'heads', 'kv')
       ),
@@ -424,6 +428,7 @@ class MultiHeadAttention(nn.Module):
       use_bias=self.use_bias,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      dot_general=self.dot_general,
       kernel_init=nn.with_logical_partitioning(
         self.kernel_init, ('heads', 'kv', 'embed')
       ),

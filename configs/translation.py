@@ -56,6 +56,7 @@ def transformer_config() -> ml_collections.ConfigDict:
   model.share_embeddings = True  # Source/target/output embeddings tied.
   model.score = 'scaled_dot'  # Any attnjax.scores name but location ones.
   model.dtype = 'float32'  # Computation dtype.
+  model.matmul_dtype = 'float32'  # Dense products' operands: or 'bfloat16'.
   return model
 
 

@@ -38,7 +38,7 @@ jit = functools.partial(
 )
 
 # (pre_ln, positions, extra overrides): every norm x position pair, one with
-# shared embeddings and one with a non-default score.
+# shared embeddings and one with a non-default score; then mixed precision.
 VARIANTS = [
   (False, 'sinusoidal', ()),
   (True, 'sinusoidal', (('score', 'additive'),)),
@@ -48,12 +48,22 @@ VARIANTS = [
     'learned',
     (('share_embeddings', True), ('target_vocab_size', SRC_VOCAB)),
   ),
+  (
+    False,
+    'sinusoidal',
+    (
+      ('matmul_dtype', 'bfloat16'),
+      ('share_embeddings', True),
+      ('target_vocab_size', SRC_VOCAB),
+    ),
+  ),
 ]
 IDS = [
   'post_ln-sinusoidal',
   'pre_ln-sinusoidal-additive',
   'post_ln-learned-general',
   'pre_ln-learned-shared',
+  'post_ln-sinusoidal-shared-bfloat16_matmul',
 ]
 
 
@@ -319,6 +329,7 @@ def test_decode_model_uses_the_model_special_ids():
     (dict(pre_ln=1), 'pre_ln'),
     (dict(eos_id=20), 'eos_id'),
     (dict(bos_id=0), 'must differ'),
+    (dict(matmul_dtype='float16'), 'matmul_dtype'),
   ],
 )
 def test_config_errors(overrides, match):

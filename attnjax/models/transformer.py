@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import attention as attn_lib
-from attnjax import layers, masks, scores
+from attnjax import layers, masks, precision, scores
 from attnjax.models import _config_checks as checks
 
 Array = jax.Array
@@ -48,6 +48,7 @@ Dtype = Any
 State = dict[str, Any]
 
 POSITIONS = ('sinusoidal', 'learned')
+MATMUL_DTYPES = ('float32', 'bfloat16')
 # Scores that depend on absolute key positions rather than on the keys; the
 # cache would need their offsets, so they are not offered here.
 _POSITIONAL_SCORES = ('location', 'location_aware')
@@ -79,6 +80,12 @@ class TransformerConfig:
       output projection (needs equal vocabulary sizes).
     score: the attention score function, a name in `attnjax.scores.SCORES`.
     dtype: computation dtype (parameters stay float32; logits are float32).
+    matmul_dtype: operand dtype of the dense layers' matrix products
+      (projections, feed-forward, output): 'float32', or 'bfloat16' for
+      mixed precision, where the products (and those of their gradients)
+      round their operands to bfloat16 and accumulate and return float32
+      (`attnjax.precision.bfloat16_dot_general`). Attention scores and
+      weighted sums stay in `dtype`.
     pad_id: padding token id.
     bos_id: beginning-of-sequence id, the decoder's first input.
     eos_id: end-of-sequence id.
@@ -100,6 +107,7 @@ class TransformerConfig:
   share_embeddings: bool = False
   score: str = 'scaled_dot'
   dtype: Dtype = jnp.float32
+  matmul_dtype: str = 'float32'
   pad_id: int = 0
   bos_id: int = 1
   eos_id: int = 2
@@ -165,10 +173,22 @@ class TransformerConfig:
         f'{sorted(set(scores.SCORES) - set(_POSITIONAL_SCORES))}.'
       )
     scores.get(self.score)  # raises for unknown names, listing the known
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(
+        f'TransformerConfig.matmul_dtype must be one of {MATMUL_DTYPES}; got '
+        f'{self.matmul_dtype!r}.'
+      )
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def dot_general(self):
+    """The dense layers' `dot_general` (None: flax's default)."""
+    if self.matmul_dtype == 'bfloat16':
+      return precision.bfloat16_dot_general
+    return None
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> Array:
@@ -230,7 +250,9 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     config = self.config
-    dense = functools.partial(nn.Dense, dtype=config.dtype)
+    dense = functools.partial(
+      nn.Dense, dtype=config.dtype, dot_general=config.dot_general
+    )
     wi = dense(
       config.mlp_dim,
       kernel_init=_kernel_init(('embed', 'mlp')),
@@ -277,6 +299,7 @@ class EncoderLayer(nn.Module):
       score=config.score,
       dropout_rate=config.attention_dropout_rate,
       dtype=config.dtype,
+      dot_general=config.dot_general,
       name='self_attention',
     )
     x = Sublayer(config, name='attention_block')(
@@ -308,6 +331,7 @@ class DecoderAttention(nn.Module):
       nn.DenseGeneral,
       features=(config.num_heads, config.head_dim),
       dtype=config.dtype,
+      dot_general=config.dot_general,
       kernel_init=_kernel_init(('embed', 'heads', 'kv')),
       bias_init=_bias_init(('heads', 'kv')),
     )
@@ -318,6 +342,7 @@ class DecoderAttention(nn.Module):
       features=config.d_model,
       axis=(-2, -1),
       dtype=config.dtype,
+      dot_general=config.dot_general,
       kernel_init=_kernel_init(('heads', 'kv', 'embed')),
       bias_init=_bias_init(('embed',)),
     )
@@ -472,6 +497,7 @@ class Transformer(nn.Module):
       self.output_proj = nn.Dense(
         config.target_vocab_size,
         dtype=config.dtype,
+        dot_general=config.dot_general,
         kernel_init=_kernel_init(('embed', 'vocab')),
         bias_init=_bias_init(('vocab',)),
       )
@@ -509,7 +535,11 @@ class Transformer(nn.Module):
   def _logits(self, x: Array) -> Array:
     if self.config.pre_ln:
       x = self.decoder_norm(x)
-    if self.config.share_embeddings:
+    if self.config.share_embeddings and self.config.dot_general:
+      # x E^T by the mixed-precision product (nn.Embed.attend's is jnp.dot).
+      table = precision.row_major_transpose(self.target_embed.embedding)
+      logits = _flat(lambda h: precision.bfloat16_matmul(h, table), x)
+    elif self.config.share_embeddings:
       logits = _flat(self.target_embed.attend, x)
     else:
       logits = _flat(self.output_proj, x)
