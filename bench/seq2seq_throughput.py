@@ -1,8 +1,10 @@
 """Seq2seq train-step throughput beside the PyTorch peer.
 
   python bench/seq2seq_throughput.py --torch_python=/path/to/venv/bin/python
-      [--models=lstm,bahdanau,bahdanau_linear_readout,transformer]
+      [--models=lstm,bahdanau,bahdanau_linear_readout,transformer,
+                transformer_bfloat16]
       [--rounds=3] [--steps=10] [--unroll=1] [--profile] [--peer=PATH]
+      [--peer_autocast]
 
 The sizes are those of `../shared/bench/torch_seq2seq_bench.py` (the PyTorch
 seq2seq tutorials on Multi30k): vocabularies 7853 / 5893, batch 128, source
@@ -21,7 +23,12 @@ and target length 24, Adam 5e-4 with a global-norm clip of 1.
   (max_len 100), separate source and target embeddings and output projection,
   and dropout 0.1 where the peer's `nn.Transformer` has it: sublayer outputs,
   attention weights and feed-forward activations (ours also drops the
-  embeddings, the peer does not).
+  embeddings, the peer does not);
+- `transformer_bfloat16`: the same in mixed precision
+  (`matmul_dtype='bfloat16'`: the dense layers' products, forward and
+  backward, take bfloat16 operands and accumulate in float32; parameters,
+  activations, attention and the optimizer stay float32), timed beside the
+  peer's `transformer`.
 
 Each round times `--steps` of our jitted train step (`train_lib.train_step`:
 forward, backward, update; after two warm-up steps) and then runs the peer
@@ -29,7 +36,9 @@ once (`--steps` timed steps after its own warm-up), so machine noise hits
 both alike. The table gives the median target tokens/s of each and their
 ratio. The peer is skipped without --torch_python (torch lives in its own
 virtual environment: `pip install torch==2.13.0 numpy`). `--unroll` applies
-to the RNN models' time scans only.
+to the RNN models' time scans only. `--peer_autocast` also runs the peer
+under `torch.autocast('cpu', torch.bfloat16)` (`bench/torch_autocast.py`)
+each round, its own mixed precision, in extra columns.
 
 `--profile` then traces `--steps` more steps of each model with the JAX
 profiler and prints where the CPU worker threads spent them: busy time per
@@ -83,9 +92,14 @@ TRANSFORMER = dict(
   mlp_dim=512, dropout_rate=0.1, attention_dropout_rate=0.1,
   mlp_dropout_rate=0.1, max_len=100, positions='learned',
 )  # fmt: skip
-MODELS = (*RNN_MODELS, 'transformer')
+# Transformer name -> its TransformerConfig.matmul_dtype.
+TRANSFORMERS = {'transformer': 'float32', 'transformer_bfloat16': 'bfloat16'}
+MODELS = (*RNN_MODELS, *TRANSFORMERS)
 # Our model -> the peer's model it is timed beside.
-PEER_MODELS = {'bahdanau_linear_readout': 'bahdanau'}
+PEER_MODELS = {
+  'bahdanau_linear_readout': 'bahdanau',
+  'transformer_bfloat16': 'transformer',
+}
 # XLA CPU thunks that compute matrix products: YNNPACK and XNNPACK fusions
 # (some with a fused reduction) and Eigen's dots.
 MATMUL_THUNKS = ('ynn_fusion', 'xnn_fusion', 'dot', 'dot_general')
@@ -114,6 +128,12 @@ _PROFILE = flags.DEFINE_bool(
 _TORCH = flags.DEFINE_string(
   'torch_python', '', 'Python of a virtual environment with torch.'
 )
+_PEER_AUTOCAST = flags.DEFINE_bool(
+  'peer_autocast',
+  False,
+  "Also time the peer under torch.autocast('cpu', torch.bfloat16), its "
+  'mixed precision (column "torch bf16").',
+)
 flags.register_validator(
   'models',
   lambda names: bool(names) and set(names) <= set(MODELS),
@@ -135,11 +155,12 @@ seq2seq.DECODERS['bahdanau_linear_readout'] = _LinearReadoutBahdanau
 
 def _make_model(name: str):
   """The attnjax model of peer `name`."""
-  if name == 'transformer':
+  if name in TRANSFORMERS:
     return transformer.Transformer(
       transformer.TransformerConfig(
         source_vocab_size=SOURCE_VOCAB,
         target_vocab_size=TARGET_VOCAB,
+        matmul_dtype=TRANSFORMERS[name],
         **TRANSFORMER,
       )
     )
@@ -363,9 +384,13 @@ def _profile(name, step, state, batch):
   return state, bound
 
 
-def _peer(name: str) -> float:
+def _peer(name: str, autocast: bool = False) -> float:
   peer = PEER_MODELS.get(name, name)
   command = [_TORCH.value, _PEER.value, peer, str(LENGTH), str(LENGTH)]
+  if autocast:
+    command.insert(
+      1, str(pathlib.Path(__file__).with_name('torch_autocast.py'))
+    )
   command.append(str(_STEPS.value))
   done = subprocess.run(command, capture_output=True, text=True)
   found = re.search(r'tgt_tokens_per_s=(\d+)', done.stdout)
@@ -396,32 +421,40 @@ def main(argv):
   for name in _MODELS.value:
     step, state, batch, n_params = _make_step(name)
     state, _ = _time(step, state, batch, 2)  # compile and warm up
-    ours, peers = [], []
+    ours, peers, peers_bf16 = [], [], []
     for _ in range(_ROUNDS.value):
       state, rate = _time(step, state, batch, _STEPS.value)
       ours.append(rate)
       if _TORCH.value:
         peers.append(_peer(name))
+      if _TORCH.value and _PEER_AUTOCAST.value:
+        peers_bf16.append(_peer(name, autocast=True))
     bound = float('nan')
     if _PROFILE.value:
       state, bound = _profile(name, step, state, batch)
-    rows.append((name, n_params, ours, peers, bound))
-    print(f'{name}: attnjax {[round(r) for r in ours]} torch {peers}')
+    rows.append((name, n_params, ours, peers, peers_bf16, bound))
+    print(f'{name}: attnjax {[round(r) for r in ours]} torch {peers}', end='')
+    print(f' torch bf16 {peers_bf16}' if peers_bf16 else '')
   print(
     f'\nbatch {BATCH}, lengths {LENGTH}, unroll {_UNROLL.value}, '
     f'{len(jax.devices())} {jax.devices()[0].platform} device(s); median '
     f'of {_ROUNDS.value} rounds of {_STEPS.value} steps, target tokens/s\n'
   )
   header = '| model | params | attnjax | torch | ratio |'
+  if _PEER_AUTOCAST.value:
+    header += ' torch bf16 | ratio |'
   if _PROFILE.value:
     header += ' products only | its ratio |'
   print(header)
   print('|---' * header.count(' | ') + '|---|')
-  for name, n_params, ours, peers, bound in rows:
+  for name, n_params, ours, peers, peers_bf16, bound in rows:
     mine = statistics.median(ours)
-    peer = statistics.median(peers) if peers else None
     cells = [name, f'{n_params / 1e6:.1f}M', f'{mine:,.0f}']
+    peer = statistics.median(peers) if peers else None
     cells += [f'{peer:,.0f}', f'{mine / peer:.2f}x'] if peer else ['-', '-']
+    if _PEER_AUTOCAST.value:
+      bf16 = statistics.median(peers_bf16) if peers_bf16 else None
+      cells += [f'{bf16:,.0f}', f'{mine / bf16:.2f}x'] if bf16 else ['-', '-']
     if _PROFILE.value:
       cells.append(f'{bound:,.0f}')
       cells.append(f'{bound / peer:.2f}x' if peer else '-')

@@ -1,0 +1,28 @@
+"""Runs a PyTorch peer program under CPU autocast to bfloat16.
+
+  /path/to/torch-venv/bin/python bench/torch_autocast.py PEER.py [ARGS...]
+
+The peer's matrix products (linear layers, attention) then take bfloat16
+operands, torch's mixed precision on a CPU, which oneDNN runs on AMX or
+AVX512-BF16 where the CPU has them. `seq2seq_throughput.py --peer_autocast`
+uses it to time the peer in the precision of `--matmul_dtype=bfloat16`.
+Runs in torch's virtual environment, never imported by attnjax.
+"""
+
+import runpy
+import sys
+
+import torch
+
+
+def main() -> None:
+  if len(sys.argv) < 2:
+    raise SystemExit(__doc__)
+  peer = sys.argv.pop(1)
+  sys.argv[0] = peer
+  with torch.autocast('cpu', dtype=torch.bfloat16):
+    runpy.run_path(peer, run_name='__main__')
+
+
+if __name__ == '__main__':
+  main()
