@@ -3,9 +3,11 @@
   /path/to/torch-venv/bin/python bench/torch_autocast.py PEER.py [ARGS...]
 
 The peer's matrix products (linear layers, attention) then take bfloat16
-operands, torch's mixed precision on a CPU, which oneDNN runs on AMX or
-AVX512-BF16 where the CPU has them. `seq2seq_throughput.py --peer_autocast`
-uses it to time the peer in the precision of `--matmul_dtype=bfloat16`.
+operands and return bfloat16, torch's mixed precision on a CPU, which
+oneDNN runs on AMX or AVX512-BF16 where the CPU has them.
+`seq2seq_throughput.py --peer_autocast` uses it to time the peer beside
+`transformer_bfloat16`, whose dense products round their operands the same
+way but return float32, and whose attention stays float32.
 Runs in torch's virtual environment, never imported by attnjax.
 """
 

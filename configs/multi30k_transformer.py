@@ -15,8 +15,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config = translation.get_config('multi30k', 'transformer')
   config.data.vocab_size = 6000  # Joint de/en pieces, tied embeddings.
   # Mixed precision: the dense layers' products take bfloat16 operands and
-  # return float32 (attnjax/precision.py), a train step ~1.5x as fast as in
-  # float32 on a CPU with AMX (BENCHMARKS.md).
+  # return float32 (attnjax/precision.py), a train step 1.3-1.6x as fast as
+  # in float32 on a CPU with AMX (BENCHMARKS.md).
   config.model.matmul_dtype = 'bfloat16'
   config.batch_size = 128  # Sentence pairs per step (~1.9k target tokens).
   config.num_train_steps = 2400  # About 10.7 epochs of 225 batches.

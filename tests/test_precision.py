@@ -26,7 +26,9 @@ def _random(shape, seed):
   )
 
 
-@pytest.mark.parametrize('shape', [(6, 4), (9, 5), (35, 3), (11, 4), (1, 3)])
+@pytest.mark.parametrize(
+  'shape', [(6, 4), (9, 5), (35, 3), (49, 2), (143, 2), (11, 4), (1, 3)]
+)
 def test_row_major_transpose_is_the_transpose(shape):
   a = _random(shape, 0)
   out = jax.jit(precision.row_major_transpose)(a)
@@ -34,8 +36,8 @@ def test_row_major_transpose_is_the_transpose(shape):
 
 
 # (lhs shape, rhs shape, contracting dims): Dense on 2-D and 3-D inputs,
-# DenseGeneral's two-axis output projection; 33 rows has no factor of 2, 5
-# or 7 (the transpose's other path), 13 none at all.
+# DenseGeneral's two-axis output projection, and 13 rows (prime: the plain
+# transpose).
 DENSE = [
   ((12, 5), (5, 7), 1),
   ((2, 6, 5), (5, 7), 1),
@@ -73,13 +75,37 @@ def test_dense_products_and_gradients_match_numpy(
 
 def test_other_dimension_numbers_round_the_operands():
   """A batched product (not a dense layer's) still takes bfloat16 operands
-  and returns float32."""
+  and returns float32; its gradient is JAX's: the float32 incoming gradient
+  times the other rounded operand, rounded to bfloat16."""
   x, w = _random((3, 4, 5), 4), _random((3, 5, 2), 5)
   dims = (((2,), (1,)), ((0,), (0,)))
-  y = precision.bfloat16_dot_general(x, w, dims)
+  y, vjp = jax.vjp(
+    functools.partial(precision.bfloat16_dot_general, dimension_numbers=dims),
+    x,
+    w,
+  )
   assert y.dtype == jnp.float32
   expected = np.einsum('bik,bkj->bij', _rounded(x), _rounded(w))
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+  dy = _random(y.shape, 6)
+  dx, dw = vjp(dy)
+  assert dx.dtype == dw.dtype == jnp.float32
+  dy64 = np.asarray(dy, np.float64)
+  tol = dict(rtol=1e-2, atol=1e-2)  # the gradients' bfloat16 rounding
+  np.testing.assert_allclose(
+    dx, np.einsum('bij,bkj->bik', dy64, _rounded(w)), **tol
+  )
+  np.testing.assert_allclose(
+    dw, np.einsum('bik,bij->bkj', _rounded(x), dy64), **tol
+  )
+
+
+def test_mismatched_contracting_dims_are_an_error():
+  """Sizes that do not line up raise as `lax.dot_general` does, not a
+  reshaped product of the wrong elements."""
+  x, w = _random((5, 2, 3), 7), _random((3, 2, 7), 8)
+  with pytest.raises(TypeError, match='contracting dimensions'):
+    precision.bfloat16_dot_general(x, w, (((1, 2), (0, 1)), ((), ())))
 
 
 def test_gradients_have_the_operands_dtypes():

@@ -57,6 +57,7 @@ VARIANTS = [
       ('target_vocab_size', SRC_VOCAB),
     ),
   ),
+  (True, 'learned', (('matmul_dtype', 'bfloat16'),)),
 ]
 IDS = [
   'post_ln-sinusoidal',
@@ -64,6 +65,7 @@ IDS = [
   'post_ln-learned-general',
   'pre_ln-learned-shared',
   'post_ln-sinusoidal-shared-bfloat16_matmul',
+  'pre_ln-learned-bfloat16_matmul',
 ]
 
 

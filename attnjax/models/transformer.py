@@ -30,6 +30,7 @@ warmup + inverse-sqrt schedule live in the training code
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import chex
@@ -80,12 +81,12 @@ class TransformerConfig:
       output projection (needs equal vocabulary sizes).
     score: the attention score function, a name in `attnjax.scores.SCORES`.
     dtype: computation dtype (parameters stay float32; logits are float32).
-    matmul_dtype: operand dtype of the dense layers' matrix products
-      (projections, feed-forward, output): 'float32', or 'bfloat16' for
-      mixed precision, where the products (and those of their gradients)
-      round their operands to bfloat16 and accumulate and return float32
-      (`attnjax.precision.bfloat16_dot_general`). Attention scores and
-      weighted sums stay in `dtype`.
+    matmul_dtype: 'bfloat16' for mixed precision: the dense layers'
+      products (projections, feed-forward, output) and those of their
+      gradients round their operands to bfloat16 and accumulate and return
+      float32 (`attnjax.precision.bfloat16_dot_general`); attention scores
+      and weighted sums stay in `dtype`. 'float32' (the default) leaves the
+      products to `dtype`.
     pad_id: padding token id.
     bos_id: beginning-of-sequence id, the decoder's first input.
     eos_id: end-of-sequence id.
@@ -184,7 +185,7 @@ class TransformerConfig:
     return self.d_model // self.num_heads
 
   @property
-  def dot_general(self):
+  def dot_general(self) -> Callable[..., Array] | None:
     """The dense layers' `dot_general` (None: flax's default)."""
     if self.matmul_dtype == 'bfloat16':
       return precision.bfloat16_dot_general
